@@ -1,0 +1,50 @@
+"""The batch schema every data source produces and every model/loss consumes.
+
+A batch is a flat dict of numpy (host) or jax (device) arrays with a leading batch axis B.
+DigitWorld and the real-benchmark loaders all emit this schema; a loader that lacks a modality
+fills it with zeros and sets `<modality>_present = False`, so nothing downstream mistakes padding for data.
+"""
+
+from typing import Mapping
+
+import numpy as np
+
+from crucible_jax.common_types import MODALITIES, present_key
+
+# key -> (dtype, shape after the batch axis, meaning). Symbolic dims are set by the data config.
+BATCH_SCHEMA: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "image": ("float32", ("H", "W", "C"), "pixels in [0, 1]"),
+    "video": ("float32", ("F", "H_v", "W_v", "C"), "frames, pixels in [0, 1]"),
+    "audio": ("float32", ("T",), "mono waveform at the data's sample rate, zero-padded"),
+    "audio_len": ("int32", (), "valid samples in `audio`"),
+    "text": ("int32", ("L",), "caption tokens, 0 = padding"),
+    "question": ("int32", ("L_q",), "VQA question tokens, 0 = padding"),
+    "answer": ("int32", (), "VQA answer index in the closed answer vocabulary"),
+    "question_type": ("int32", (), "VQA question family (for per-type accuracy)"),
+    "digits": ("int32", ("D",), "the sample's digit string / transcript, -1 = padding"),
+    "num_digits": ("int32", (), "length of the digit string"),
+    "string_id": ("int32", (), "retrieval identity: equal ids = same content"),
+    "speaker": ("int32", (), "audio speaker index"),
+    "weight": ("float32", (), "per-sample loss weight (curriculum); 1.0 by default"),
+    **{present_key(m): ("bool", (), f"sample carries a real {m}") for m in MODALITIES},
+    **{f"{m}_corrupted": ("bool", (), f"{m} was deliberately corrupted (robustness variants)") for m in MODALITIES},
+}
+
+
+def check_batch(batch: Mapping[str, np.ndarray], required: tuple[str, ...] = ()) -> None:
+  """Raise ValueError naming the culprit key if `batch` breaks the schema."""
+  unknown = sorted(set(batch) - set(BATCH_SCHEMA))
+  if unknown:
+    raise ValueError(f"batch has keys outside the schema: {unknown}")
+  missing = [k for k in required if k not in batch]
+  if missing:
+    raise ValueError(f"batch lacks required keys: {missing}")
+  sizes = {k: np.shape(v)[0] for k, v in batch.items() if np.ndim(v) > 0}
+  if len(set(sizes.values())) > 1:
+    raise ValueError(f"batch keys disagree on the batch size: {sizes}")
+  for key, value in batch.items():
+    dtype, dims, _ = BATCH_SCHEMA[key]
+    if np.ndim(value) != len(dims) + 1:
+      raise ValueError(f"batch[{key!r}] has rank {np.ndim(value)}, schema wants batch + {dims}")
+    if np.dtype(value.dtype) != np.dtype(dtype):
+      raise ValueError(f"batch[{key!r}] has dtype {value.dtype}, schema wants {dtype}")
