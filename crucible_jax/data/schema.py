@@ -48,3 +48,16 @@ def check_batch(batch: Mapping[str, np.ndarray], required: tuple[str, ...] = ())
       raise ValueError(f"batch[{key!r}] has rank {np.ndim(value)}, schema wants batch + {dims}")
     if np.dtype(value.dtype) != np.dtype(dtype):
       raise ValueError(f"batch[{key!r}] has dtype {value.dtype}, schema wants {dtype}")
+
+
+def example_batch(data_cfg, batch_size: int) -> dict[str, np.ndarray]:
+  """A zero batch with the schema's shapes for `data_cfg` (model init, shape checks, benchmarks)."""
+  channels = int(data_cfg.get("channels", 1))
+  dims = {
+      "H": data_cfg.image_size[0], "W": data_cfg.image_size[1], "C": channels,
+      "F": data_cfg.video_frames, "H_v": data_cfg.video_size[0], "W_v": data_cfg.video_size[1],
+      "T": int(round(data_cfg.audio_seconds * data_cfg.sample_rate)), "L": data_cfg.text_len,
+      "L_q": data_cfg.question_len, "D": data_cfg.max_digits,
+  }
+  return {key: np.zeros((batch_size, *(dims[d] for d in shape)), dtype)
+          for key, (dtype, shape, _) in BATCH_SCHEMA.items()}

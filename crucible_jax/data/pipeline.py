@@ -1,0 +1,212 @@
+"""The grain input pipeline: recipes → shuffle → repeat → per-process shard → render → batch → global arrays.
+
+Rendering happens here, per element, deterministically from (record, seed, epoch), so the iterator state alone
+(`get_state`/`set_state`) resumes a run exactly, with any number of worker processes.
+"""
+
+import functools
+import logging
+import math
+from typing import Any, Iterator, Mapping
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from ml_collections import config_dict
+
+from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
+from crucible_jax.data.digit_world import builder, draw, render
+
+_DATA_OF = {IMAGE: ("image",), VIDEO: ("video",), AUDIO: ("audio", "audio_len"), TEXT: ("text",)}
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """DigitWorld's data config; experiments import it and override fields."""
+  cfg = ml_collections.ConfigDict()
+  cfg.name = "digit_world"  # dataset name (only DigitWorld is built by this pipeline)
+  cfg.data_dir = config_dict.placeholder(str)  # dataset root; None → $CRUCIBLE_DATA_DIR or ~/.cache/crucible_jax
+  cfg.train_size = 20000  # samples in the train split
+  cfg.val_size = 2000  # samples in the val split
+  cfg.test_size = 2000  # samples in the test split
+  cfg.heldout_size = 2000  # samples in test_heldout_speaker (only the held-out voice)
+  cfg.max_digits = 4  # longest digit string; strings have 1..max_digits digits
+  cfg.seed = 0  # seed of the recipes (and of eval rendering)
+  cfg.variant = "clean"  # "clean" | "corrupted" | "imbalanced"
+  cfg.corrupt_prob = 0.35  # probability that each modality of a sample is corrupted ("corrupted" variant)
+  cfg.image_size = (16, 64)  # image canvas (height, width) in pixels; width/height slots of height x height
+  cfg.video_frames = 8  # frames per video
+  cfg.video_size = (16, 16)  # video frame (height, width) in pixels
+  cfg.sample_rate = 8000  # audio samples per second (Hz)
+  cfg.audio_seconds = 4.0  # audio length in seconds; the waveform is zero-padded to this
+  cfg.text_len = 48  # caption length in byte tokens
+  cfg.question_len = 32  # question length in byte tokens
+  cfg.heldout_speaker = "fr_CA_f_June"  # voice kept out of train/val/test, used only by test_heldout_speaker
+  cfg.num_workers = 0  # grain worker processes rendering samples (0 = in the main process)
+  cfg.prefetch_buffer = 2  # batches prefetched per process / per worker
+  cfg.skip_bad_records = False  # a record that fails to render becomes a weight-0 padding sample, not an error
+  cfg.drop_modalities = ml_collections.ConfigDict(  # train only: probability of hiding each modality
+      {m: 0.0 for m in MODALITIES})
+  return cfg
+
+
+def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
+  """Raise ValueError naming the field when `data_cfg` cannot produce batches (checked before any worker starts)."""
+  if data_cfg.variant not in render.VARIANTS:
+    raise ValueError(f"data.variant={data_cfg.variant!r}; choose from {render.VARIANTS}")
+  if not 0.0 <= data_cfg.corrupt_prob <= 1.0:
+    raise ValueError(f"data.corrupt_prob={data_cfg.corrupt_prob} is not a probability")
+  unknown = set(data_cfg.drop_modalities) - set(MODALITIES)
+  if unknown:
+    raise ValueError(f"data.drop_modalities names unknown modalities {sorted(unknown)}; known: {MODALITIES}")
+  needed = draw.worst_case_speech_seconds(int(data_cfg.sample_rate), int(data_cfg.max_digits))
+  if needed > data_cfg.audio_seconds:
+    raise ValueError(f"data.audio_seconds={data_cfg.audio_seconds} is shorter than the {needed:.2f} s that "
+                     f"{data_cfg.max_digits} slow spoken digits can take")
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f"process_index {index} outside [0, process_count={count})")
+  return index, count
+
+
+def _local_batch(global_batch: int, process_count: int) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f"global_batch {global_batch} is not a positive multiple of process_count {process_count}")
+  return global_batch // process_count
+
+
+def drop_modalities(
+    sample: dict[str, np.ndarray], probabilities: Mapping[str, float], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+  """Hide each modality with its probability (zeros, `<m>_present=False`); at least one stays present."""
+  unknown = set(probabilities) - set(MODALITIES)
+  if unknown:
+    raise ValueError(f"drop_modalities names unknown modalities {sorted(unknown)}; known: {MODALITIES}")
+  dropped = [rng.random() < probabilities.get(m, 0.0) for m in MODALITIES]
+  if all(dropped):
+    dropped[rng.integers(len(MODALITIES))] = False
+  for modality, drop in zip(MODALITIES, dropped):
+    if drop:
+      for key in _DATA_OF[modality]:
+        sample[key] = np.zeros_like(sample[key])
+      sample[present_key(modality)] = np.bool_(False)
+  return sample
+
+
+def _render(recipe: Mapping[str, Any], data_cfg: ml_collections.ConfigDict, split_seed: int, epoch: int,
+            split: str) -> dict[str, np.ndarray]:
+  """render_sample, with errors naming the record (or, with skip_bad_records, a padding sample instead)."""
+  try:
+    return render.render_sample(recipe, data_cfg, split_seed=split_seed, epoch=epoch)
+  except (ValueError, KeyError, IndexError) as error:
+    where = f"DigitWorld {split} record {recipe.get('index', '?')} (epoch {epoch})"
+    if not data_cfg.skip_bad_records:
+      raise ValueError(f"{where} failed to render: {error}") from error
+    logging.warning("skipping %s: %s", where, error)
+    return render.padding_sample(data_cfg)
+
+
+def tag_epoch(index: int, recipe: Mapping[str, Any], *, epoch_size: int) -> tuple[int, Mapping[str, Any]]:
+  """(epoch, recipe) for position `index` of the repeated stream."""
+  return index // epoch_size, recipe
+
+
+def _render_train(item: tuple[int, Mapping[str, Any]], *, data_cfg: ml_collections.ConfigDict,
+                  seed: int) -> dict[str, np.ndarray]:
+  epoch, recipe = item
+  sample = _render(recipe, data_cfg, seed, epoch, "train")
+  probabilities = dict(data_cfg.drop_modalities)
+  if any(p > 0 for p in probabilities.values()):
+    rng = np.random.default_rng([int(recipe["render_seed"]), seed, epoch, len(MODALITIES)])
+    sample = drop_modalities(sample, probabilities, rng)
+  return sample
+
+
+def train_recipes(
+    data_cfg: ml_collections.ConfigDict, *, seed: int, process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+  """This process's infinite stream of (epoch, recipe): shuffled anew each epoch, sharded across processes."""
+  process_index, process_count = _process_layout(process_index, process_count)
+  source = builder.digit_world_source(data_cfg, "train")
+  dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+  dataset = dataset.map_with_index(functools.partial(tag_epoch, epoch_size=len(source)))
+  return dataset[process_index::process_count]
+
+
+def _maybe_mp_prefetch(dataset: grain.IterDataset, data_cfg: ml_collections.ConfigDict) -> grain.IterDataset:
+  if data_cfg.num_workers <= 0:
+    return dataset
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if not flags.FLAGS.is_parsed():  # grain #1355: workers read absl flags, unparsed outside absl.app
+    flags.FLAGS.mark_as_parsed()
+  return dataset.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=int(data_cfg.num_workers), per_worker_buffer_size=int(data_cfg.prefetch_buffer)))
+
+
+def _read_options(data_cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=int(data_cfg.prefetch_buffer))
+
+
+def make_train_iterator(
+    data_cfg: ml_collections.ConfigDict, *, global_batch: int, seed: int, process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """Endless iterator of this process's numpy batches (global_batch / process_count samples each)."""
+  validate_data_config(data_cfg)
+  process_index, process_count = _process_layout(process_index, process_count)
+  local_batch = _local_batch(global_batch, process_count)
+  dataset = train_recipes(data_cfg, seed=seed, process_index=process_index, process_count=process_count)
+  dataset = dataset.map(functools.partial(_render_train, data_cfg=data_cfg, seed=seed))
+  dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
+  return iter(_maybe_mp_prefetch(dataset, data_cfg))
+
+
+def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
+  """Real samples in `split`: what eval metrics divide by (padding has weight 0)."""
+  return len(builder.digit_world_source(data_cfg, split))
+
+
+def _eval_element(local_position: int, *, source: Any, data_cfg: ml_collections.ConfigDict, split: str,
+                  global_batch: int, local_batch: int, process_index: int) -> dict[str, np.ndarray]:
+  """Sample for slot `local_position` of this process: its slice of each global batch, past the end = padding."""
+  batch, offset = divmod(local_position, local_batch)
+  index = batch * global_batch + process_index * local_batch + offset
+  if index >= len(source):
+    return render.padding_sample(data_cfg)
+  return _render(source[index], data_cfg, int(data_cfg.seed), 0, split)
+
+
+def make_eval_batches(
+    data_cfg: ml_collections.ConfigDict, split: str, *, batch_size: int, process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Every sample of `split` once, in order, in batches of `batch_size` (global; this process gets its slice).
+
+  The last batch is filled with padding samples: zeros, weight 0, every `<m>_present` False, digits -1. Metrics
+  ignore them by masking with `weight > 0`; `num_examples(data_cfg, split)` is the count of real samples.
+  Rendering uses (data_cfg.seed, epoch 0): the same augmentations on every call.
+  """
+  validate_data_config(data_cfg)
+  process_index, process_count = _process_layout(process_index, process_count)
+  local_batch = _local_batch(batch_size, process_count)
+  source = builder.digit_world_source(data_cfg, split)
+  num_batches = math.ceil(len(source) / batch_size)
+  dataset = grain.MapDataset.range(num_batches * local_batch).map(functools.partial(
+      _eval_element, source=source, data_cfg=data_cfg, split=split, global_batch=batch_size,
+      local_batch=local_batch, process_index=process_index))
+  dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
+  return iter(_maybe_mp_prefetch(dataset, data_cfg))
+
+
+def to_global_batch(
+    local_batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding
+) -> dict[str, jax.Array]:
+  """Assemble every process's local batch into global arrays, sharded along the batch axis by `sharding`."""
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+          for key, value in local_batch.items()}

@@ -1,0 +1,227 @@
+"""Evaluators the trainer plugs in from config (`config.evals.NAME = dict(...)`): accumulate on host, then score.
+
+Each evaluator says which model `heads` it needs, takes `update(outputs, batch)` per batch (numpy arrays; rows with
+`batch["weight"] == 0` are padding) and returns `{"task/metric": value}` from `result()`; the trainer adds the split.
+"""
+
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from crucible_jax.common_types import MODALITIES, present_key
+from crucible_jax.eval import metrics
+
+NO_DIGIT = 10
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DEFAULT_PAIRS = (("image", "text"), ("text", "image"), ("audio", "image"), ("video", "text"))
+
+
+class Evaluator(Protocol):
+  """What the trainer drives: compute `heads`, feed every eval batch to `update`, read `result` once."""
+
+  heads: tuple[str, ...]
+
+  def update(self, outputs: Mapping[str, Any], batch: Mapping[str, np.ndarray]) -> None:
+    ...
+
+  def result(self) -> dict[str, float]:
+    ...
+
+
+def _real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  """bool[B]: rows that are not padding."""
+  return np.asarray(batch["weight"]) > 0 if "weight" in batch else np.ones(len(batch["digits"]), bool)
+
+
+def _present(outputs: Mapping[str, Any], batch: Mapping[str, np.ndarray], modality: str) -> np.ndarray:
+  """bool[B]: the sample carries `modality` (data flag, and the model's flag when it reports one)."""
+  present = np.asarray(batch.get(present_key(modality), np.ones(len(batch["digits"]), bool)), bool)
+  encoded = outputs.get("present", {}).get(modality)
+  return present if encoded is None else present & np.asarray(encoded, bool)
+
+
+def _targets(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  """Per-position digit classes, NO_DIGIT past each string's end."""
+  digits = np.asarray(batch["digits"])
+  return np.where(np.arange(digits.shape[1]) < np.asarray(batch["num_digits"])[:, None], digits, NO_DIGIT)
+
+
+def _join(chunks: list[np.ndarray]) -> np.ndarray:
+  """The rows gathered over updates (empty when there were none)."""
+  return np.concatenate(chunks) if chunks else np.zeros(0)
+
+
+def _mean(chunks: list[np.ndarray]) -> float:
+  joined = _join(chunks)
+  return float(np.mean(joined)) if joined.size else float("nan")
+
+
+class RetrievalEvaluator:
+  """Cross-modal retrieval over the whole split: every sample is a candidate; any same-id candidate is a hit."""
+
+  heads = ("embed",)
+
+  def __init__(self, pairs: Sequence[Sequence[str]] = DEFAULT_PAIRS, ks: Sequence[int] = (1, 5, 10)):
+    self.pairs = tuple((str(q), str(c)) for q, c in pairs)
+    for pair in self.pairs:
+      if pair[0] not in MODALITIES or pair[1] not in MODALITIES:
+        raise ValueError(f"retrieval pair {pair} names a modality outside {MODALITIES}")
+    self.ks = tuple(ks)
+    self._embeddings = {m: [] for pair in self.pairs for m in pair}
+    self._ids = {m: [] for m in self._embeddings}
+
+  def update(self, outputs, batch):
+    real = _real_rows(batch)
+    for m in self._embeddings:
+      keep = real & _present(outputs, batch, m)
+      self._embeddings[m].append(np.asarray(outputs["embeddings"][m], np.float32)[keep])
+      self._ids[m].append(np.asarray(batch["string_id"])[keep])
+
+  def result(self):
+    out = {}
+    for query, cand in self.pairs:
+      q_emb, c_emb = _join(self._embeddings[query]), _join(self._embeddings[cand])
+      if not len(q_emb) or not len(c_emb):
+        continue  # the split has no sample of one side; nothing honest to report
+      scores = metrics.retrieval_metrics(q_emb @ c_emb.T, np.concatenate(self._ids[query]),
+                                         np.concatenate(self._ids[cand]), self.ks)
+      out.update({f"{query}_to_{cand}/{name}": value for name, value in scores.items()})
+    return out
+
+
+class VqaEvaluator:
+  """VQA accuracy (exact match = soft accuracy with one reference answer), overall and per question type."""
+
+  heads = ("vqa",)
+
+  def __init__(self):
+    self._correct, self._types = [], []
+
+  def update(self, outputs, batch):
+    real = _real_rows(batch)
+    pred = np.argmax(np.asarray(outputs["vqa_logits"]), axis=-1)
+    self._correct.append((pred == np.asarray(batch["answer"]))[real])
+    self._types.append(np.asarray(batch["question_type"])[real])
+
+  def result(self):
+    correct, types = _join(self._correct), _join(self._types)
+    if not correct.size:
+      return {}
+    out = {"vqa/accuracy": _mean([correct])}
+    out.update({f"vqa/accuracy_{t}": _mean([correct[types == t]]) for t in np.unique(types)})
+    return out
+
+
+class TaggingEvaluator:
+  """Multi-label digit tagging: mAP over the 10 digit classes of sigmoid(tag_logits)."""
+
+  heads = ("tagging",)
+
+  def __init__(self, modality: str | None = None):
+    self.modality = modality  # if set, only samples carrying it are scored
+    self._scores, self._labels = [], []
+
+  def update(self, outputs, batch):
+    keep = _real_rows(batch) & (_present(outputs, batch, self.modality) if self.modality else True)
+    logits = np.asarray(outputs["tag_logits"], np.float64)
+    digits = np.asarray(batch["digits"])
+    self._scores.append((1 / (1 + np.exp(-logits)))[keep])
+    self._labels.append(np.any(digits[:, :, None] == np.arange(10), axis=1)[keep])
+
+  def result(self):
+    scores, labels = _join(self._scores), _join(self._labels)
+    return {"tagging/mAP": metrics.multilabel_map(scores, labels)} if len(scores) else {}
+
+
+class AsrEvaluator:
+  """Connected-digit recognition: WER of CTC greedy decodes (digits as words) and exact string accuracy."""
+
+  heads = ("asr",)
+
+  def __init__(self, modality: str = "audio"):
+    self.modality = modality
+    self._refs, self._hyps = [], []
+
+  def update(self, outputs, batch):
+    keep = _real_rows(batch) & _present(outputs, batch, self.modality)
+    decoded = metrics.ctc_greedy_decode(outputs["ctc_logits"], outputs["ctc_mask"])
+    digits, lengths = np.asarray(batch["digits"]), np.asarray(batch["num_digits"])
+    for row in np.flatnonzero(keep):
+      self._refs.append([int(d) for d in digits[row, :lengths[row]]])
+      self._hyps.append(decoded[row])
+
+  def result(self):
+    if not self._refs:
+      return {}
+    as_words = lambda ds: " ".join(DIGIT_WORDS[d] for d in ds)
+    wer = metrics.word_error_rate([as_words(r) for r in self._refs], [as_words(h) for h in self._hyps])
+    exact = np.mean([r == h for r, h in zip(self._refs, self._hyps)])
+    return {"asr/wer": wer, "asr/string_accuracy": float(exact)}
+
+
+class _StringAccuracy:
+  """Exact digit-string accuracy: every position, including the NO_DIGIT tail, predicted right."""
+
+  def __init__(self):
+    self._correct = []
+
+  def _score(self, logits, batch, keep):
+    exact = np.all(np.argmax(np.asarray(logits), axis=-1) == _targets(batch), axis=-1)
+    return exact[keep]
+
+
+class FusedEvaluator(_StringAccuracy):
+  """Exact string accuracy of the fused-modality digit head."""
+
+  heads = ("fused",)
+
+  def update(self, outputs, batch):
+    self._correct.append(self._score(outputs["fused_logits"], batch, _real_rows(batch)))
+
+  def result(self):
+    return {"fused/accuracy": _mean(self._correct)} if _join(self._correct).size else {}
+
+
+class PretrainEvaluator(_StringAccuracy):
+  """Exact string accuracy of each modality's unimodal pretraining head, on the samples that carry it."""
+
+  heads = ("pretrain",)
+
+  def __init__(self, modalities: Sequence[str] = MODALITIES):
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown:
+      raise ValueError(f"pretrain evaluator: unknown modalities {unknown}")
+    self.modalities = tuple(modalities)
+    self._correct = {m: [] for m in self.modalities}
+
+  def update(self, outputs, batch):
+    real = _real_rows(batch)
+    for m in self.modalities:
+      keep = real & _present(outputs, batch, m)
+      self._correct[m].append(self._score(outputs["pretrain_logits"][m], batch, keep))
+
+  def result(self):
+    return {f"pretrain/accuracy_{m}": _mean(self._correct[m]) for m in self.modalities if _join(self._correct[m]).size}
+
+
+EVALUATORS = {"retrieval": RetrievalEvaluator, "vqa": VqaEvaluator, "tagging": TaggingEvaluator,
+              "asr": AsrEvaluator, "fused": FusedEvaluator, "pretrain": PretrainEvaluator}
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+  return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+def build_evaluators(evals_cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, Evaluator]:
+  """One evaluator per config entry; the entry's name is its kind unless it sets `kind=...`."""
+  built = {}
+  for name, cfg in _plain(evals_cfg).items():
+    kwargs = _plain(cfg or {})
+    kind = kwargs.pop("kind", name)
+    if kind not in EVALUATORS:
+      raise ValueError(f"unknown evaluator {kind!r} (config.evals.{name}); known: {sorted(EVALUATORS)}")
+    try:
+      built[name] = EVALUATORS[kind](**kwargs)
+    except TypeError as err:
+      raise ValueError(f"config.evals.{name}: bad options {sorted(kwargs)} for {kind!r}: {err}") from None
+  return built

@@ -1,0 +1,157 @@
+"""Training objectives as data: a spec of weighted loss terms -> the heads they need and one loss function.
+
+Spec keys (weight 0 = off): `pretrain/<m>`, `contrastive/<a>-<b>`, `vqa`, `tagging`, `asr`, `fused`.
+Every term's value is reported as `loss/<key>`, so a gradient-balancing scheme can read the per-term losses.
+"""
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jaxtyping import Array
+
+from crucible_jax.common_types import MODALITIES, present_key
+from crucible_jax.train import losses
+
+HEADS = ("embed", "pretrain", "vqa", "tagging", "asr", "fused")  # model heads, in a fixed order
+LOSS_KINDS = ("clip", "siglip")
+
+Outputs = Mapping[str, Any]
+Batch = Mapping[str, Array]
+TermFn = Callable[[Outputs, Batch], tuple[Array, dict[str, Array]]]
+ObjectiveFn = Callable[[Outputs, Batch], tuple[Array, dict[str, Array]]]
+
+
+def _output(outputs: Outputs, key: str, term: str) -> Any:
+  if key not in outputs:
+    raise ValueError(f"objective term {term!r} needs model output {key!r}; outputs have {sorted(outputs)}")
+  return outputs[key]
+
+
+def sample_weight(batch: Batch) -> Array:
+  """The batch's per-sample weight (0 = padding), ones when absent."""
+  if "weight" in batch:
+    return batch["weight"].astype(jnp.float32)
+  return jnp.ones(batch["digits"].shape[:1], jnp.float32)
+
+
+def modality_present(outputs: Outputs, batch: Batch, modality: str) -> Array:
+  """Samples that carry `modality` in the data and (when the model says) were encoded."""
+  in_data = batch.get(present_key(modality))
+  encoded = outputs.get("present", {}).get(modality)
+  if in_data is None and encoded is None:
+    raise ValueError(f"neither batch[{present_key(modality)!r}] nor outputs['present'][{modality!r}] exists")
+  if in_data is None or encoded is None:
+    return encoded if in_data is None else in_data
+  return in_data & encoded
+
+
+def string_accuracy(logits: Array, digits: Array, num_digits: Array, weight: Array) -> Array:
+  """Weighted share of samples whose every position (digits and NO_DIGIT tail) is predicted right."""
+  exact = jnp.all(jnp.argmax(logits, axis=-1) == losses.digit_targets(digits, num_digits), axis=-1)
+  return losses.weighted_mean(exact.astype(jnp.float32), weight)
+
+
+def _pretrain_term(modality: str, key: str) -> TermFn:
+  def term(outputs, batch):
+    logits = _output(outputs, "pretrain_logits", key)[modality]
+    weight = sample_weight(batch) * modality_present(outputs, batch, modality)
+    loss = losses.digit_string_loss(logits, batch["digits"], batch["num_digits"], weight)
+    return loss, {f"acc/{key}": string_accuracy(logits, batch["digits"], batch["num_digits"], weight)}
+  return term
+
+
+def _contrastive_term(first: str, second: str, key: str, loss_kind: str, mesh: Mesh | None,
+                      batch_axes: Sequence[str]) -> TermFn:
+  def term(outputs, batch):
+    embeddings = _output(outputs, "embeddings", key)
+    a, b = embeddings[first], embeddings[second]
+    weight = sample_weight(batch)
+    kwargs = dict(valid=modality_present(outputs, batch, first) & modality_present(outputs, batch, second),
+                  ids=batch["string_id"], weight=weight)
+    scale = _output(outputs, "logit_scale", key)
+    if loss_kind == "clip":
+      loss = (losses.clip_loss(a, b, scale, **kwargs) if mesh is None
+              else losses.clip_loss_sharded(a, b, scale, mesh, batch_axes, **kwargs))
+    else:
+      bias = _output(outputs, "logit_bias", key)
+      loss = (losses.siglip_loss(a, b, scale, bias, **kwargs) if mesh is None
+              else losses.siglip_loss_sharded(a, b, scale, bias, mesh, batch_axes, **kwargs))
+    return loss, {}
+  return term
+
+
+def _vqa_term(outputs, batch):
+  logits = _output(outputs, "vqa_logits", "vqa")
+  weight = sample_weight(batch)
+  correct = (jnp.argmax(logits, axis=-1) == batch["answer"]).astype(jnp.float32)
+  return losses.softmax_ce(logits, batch["answer"], weight), {"acc/vqa": losses.weighted_mean(correct, weight)}
+
+
+def _tagging_term(outputs, batch):
+  logits = _output(outputs, "tag_logits", "tagging")
+  return losses.multilabel_loss(logits, batch["digits"], sample_weight(batch)), {}
+
+
+def _asr_term(outputs, batch):
+  weight = sample_weight(batch) * modality_present(outputs, batch, "audio")
+  loss = losses.ctc_loss(_output(outputs, "ctc_logits", "asr"), _output(outputs, "ctc_mask", "asr"),
+                         batch["digits"], batch["num_digits"], weight)
+  return loss, {}
+
+
+def _fused_term(outputs, batch):
+  logits = _output(outputs, "fused_logits", "fused")
+  weight = sample_weight(batch)
+  loss = losses.digit_string_loss(logits, batch["digits"], batch["num_digits"], weight)
+  return loss, {"acc/fused": string_accuracy(logits, batch["digits"], batch["num_digits"], weight)}
+
+
+def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequence[str]) -> tuple[str, TermFn]:
+  """(head, term function) for one spec key; ValueError naming the key if it is not understood."""
+  fixed = {"vqa": ("vqa", _vqa_term), "tagging": ("tagging", _tagging_term), "asr": ("asr", _asr_term),
+           "fused": ("fused", _fused_term)}
+  if key in fixed:
+    return fixed[key]
+  family, _, rest = key.partition("/")
+  if family == "pretrain" and rest in MODALITIES:
+    return "pretrain", _pretrain_term(rest, key)
+  if family == "contrastive":
+    first, _, second = rest.partition("-")
+    if first in MODALITIES and second in MODALITIES and first != second:
+      return "embed", _contrastive_term(first, second, key, loss_kind, mesh, batch_axes)
+  raise ValueError(f"unknown objective term {key!r}; expected pretrain/<m>, contrastive/<a>-<b> (m in "
+                   f"{MODALITIES}, a != b), vqa, tagging, asr or fused")
+
+
+def build_objective(spec: Mapping[str, float], *, loss_kind: str = "clip", mesh: Mesh | None = None,
+                    batch_axes: Sequence[str] = ("data", "fsdp")) -> tuple[tuple[str, ...], ObjectiveFn]:
+  """The model heads a weighted sum of loss terms needs, and fn(outputs, batch) -> (loss, metrics).
+
+  With `mesh`, contrastive terms use the ring-chunked losses over `batch_axes` (call fn under jit).
+  """
+  if loss_kind not in LOSS_KINDS:
+    raise ValueError(f"loss_kind {loss_kind!r} is not one of {LOSS_KINDS}")
+  terms, used_heads = [], set()
+  for key, weight in spec.items():
+    head, fn = _parse_term(key, loss_kind, mesh, batch_axes)
+    weight = float(weight)
+    if weight < 0:
+      raise ValueError(f"objective term {key!r} has negative weight {weight}")
+    if weight > 0:
+      terms.append((key, weight, fn))
+      used_heads.add(head)
+  if not terms:
+    raise ValueError(f"objective spec {dict(spec)} has no term with a positive weight")
+
+  def objective(outputs: Outputs, batch: Batch) -> tuple[Array, dict[str, Array]]:
+    total, metrics = jnp.zeros((), jnp.float32), {}
+    for key, weight, fn in terms:
+      loss, extra = fn(outputs, batch)
+      metrics[f"loss/{key}"] = loss
+      metrics.update(extra)
+      total = total + weight * loss
+    metrics["loss"] = total
+    return total, metrics
+
+  return tuple(h for h in HEADS if h in used_heads), objective
