@@ -1,0 +1,12 @@
+"""The multimodal Linen model: encoders, cross-modal attention, adaptive fusion and task heads."""
+
+from crucible_jax.models.crucible import (
+    ALL_HEADS,
+    CrucibleModel,
+    ModelConfig,
+    build_model,
+    default_model_config,
+    example_batch,
+)
+
+__all__ = ["ALL_HEADS", "CrucibleModel", "ModelConfig", "build_model", "default_model_config", "example_batch"]

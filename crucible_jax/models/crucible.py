@@ -1,0 +1,337 @@
+"""The assembled multimodal model: per-modality encoders, the shared embedding space, fusion and task heads."""
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+from jaxtyping import Array, Float
+
+from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
+from crucible_jax.models import encoders as enc
+from crucible_jax.models.cross_attention import BidirectionalFusionBlock
+from crucible_jax.models.fusion import AdaptiveFusion
+from crucible_jax.models.heads import ClassifierHead, JointProjection, masked_mean_pool
+from crucible_jax.models.layers import Dtype, logical
+from crucible_jax.models.melspec import num_frames
+
+ALL_HEADS: tuple[str, ...] = ("embed", "pretrain", "vqa", "tagging", "asr", "fused")
+HEAD_MODALITIES: dict[str, tuple[str, ...]] = {"vqa": (IMAGE, TEXT), "tagging": (AUDIO,), "asr": (AUDIO,)}
+HEAD_INPUTS: dict[str, tuple[str, ...]] = {"vqa": (IMAGE,), "tagging": (AUDIO,), "asr": (AUDIO,)}  # else: all
+DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DIGIT_CLASSES = 11  # digits 0-9, plus "no digit" (pretrain, fused) or the CTC blank at class 0 (asr)
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerSpec:
+  """Size and compute dtype of one modality's Transformer encoder."""
+
+  width: int
+  depth: int
+  heads: int
+  mlp: int
+  dtype: Dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionSpec:
+  """VQA cross-modal fusion and AdaptiveFusion settings."""
+
+  cross_attention: bool
+  gated: bool
+  cross_depth: int
+  dtype: Dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hashable, validated model settings; `build_model` makes it from the ConfigDict."""
+
+  modalities: tuple[str, ...]  # active modalities in MODALITIES order
+  towers: tuple[tuple[str, TowerSpec], ...]  # (modality, spec) for each active modality
+  image_patch: tuple[int, int]  # (height, width) pixels per ViT patch
+  video_tubelet: tuple[int, int, int]  # (frames, height, width) per video token
+  audio_frontend: tuple[tuple[str, int], ...]  # sample_rate, n_fft, hop, n_mels, patch_frames
+  text_vocab: tuple[int, int]  # (vocab_size, max_len)
+  fusion: FusionSpec
+  joint_dim: int  # width of the shared embedding space
+  max_digits: int  # digit positions predicted by the pretrain and fused heads
+  num_answers: int  # VQA answer classes
+  num_tags: int  # audio tagging labels
+  dtype: Dtype  # compute dtype of the heads
+  param_dtype: Dtype
+
+  def tower(self, modality: str) -> TowerSpec:
+    """The encoder spec of an active modality."""
+    return dict(self.towers)[modality]
+
+
+def _require(batch: Mapping[str, Array], key: str) -> Array:
+  """batch[key], or a ValueError naming the missing key."""
+  if key not in batch:
+    raise ValueError(f"batch lacks key {key!r} (has {sorted(batch)})")
+  return batch[key]
+
+
+class CrucibleModel(nn.Module):
+  """Encoders for the active modalities, a shared embedding space and the task heads of ALL_HEADS."""
+
+  config: ModelConfig
+
+  def setup(self) -> None:
+    c = self.config
+    head_kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
+    self.encoders = {m: self._make_encoder(m) for m in c.modalities}
+    self.projections = {m: JointProjection(c.joint_dim, **head_kw) for m in c.modalities}
+    self.pretrain_heads = {m: ClassifierHead(c.max_digits * DIGIT_CLASSES, **head_kw) for m in c.modalities}
+    self.logit_scale = self.param("logit_scale", logical(nn.initializers.constant(math.log(10.0)), ()), (), jnp.float32)
+    self.logit_bias = self.param("logit_bias", logical(nn.initializers.constant(-10.0), ()), (), jnp.float32)
+    if "vqa" in self.available_heads and c.fusion.cross_attention:
+      image, text = c.tower(IMAGE), c.tower(TEXT)
+      self.vqa_blocks = [
+          BidirectionalFusionBlock(
+              text.heads, text.mlp, image.heads, image.mlp, gated=c.fusion.gated,
+              dtype=c.fusion.dtype, param_dtype=c.param_dtype,
+          )
+          for _ in range(c.fusion.cross_depth)
+      ]
+    if "vqa" in self.available_heads:
+      self.vqa_head = ClassifierHead(c.num_answers, hidden=c.tower(TEXT).mlp, **head_kw)
+    if AUDIO in c.modalities:
+      self.tag_head = ClassifierHead(c.num_tags, **head_kw)
+      self.ctc_head = ClassifierHead(DIGIT_CLASSES, **head_kw)
+    self.fusion = AdaptiveFusion(c.modalities, dtype=c.fusion.dtype, param_dtype=c.param_dtype)
+    self.fused_head = ClassifierHead(c.max_digits * DIGIT_CLASSES, **head_kw)
+
+  @property
+  def available_heads(self) -> tuple[str, ...]:
+    """Heads whose modalities are all active; other heads are skipped silently."""
+    active = set(self.config.modalities)
+    return tuple(h for h in ALL_HEADS if set(HEAD_MODALITIES.get(h, ())) <= active)
+
+  def _make_encoder(self, modality: str) -> nn.Module:
+    c, spec = self.config, self.config.tower(modality)
+    kw = dict(
+        width=spec.width, depth=spec.depth, num_heads=spec.heads, mlp_dim=spec.mlp,
+        dtype=spec.dtype, param_dtype=c.param_dtype,
+    )
+    if modality == IMAGE:
+      return enc.ImageEncoder(patch=c.image_patch, **kw)
+    if modality == VIDEO:
+      return enc.VideoEncoder(tubelet=c.video_tubelet, **kw)
+    if modality == AUDIO:
+      return enc.AudioEncoder(**dict(c.audio_frontend), **kw)
+    vocab_size, max_len = c.text_vocab
+    return enc.TextEncoder(vocab_size=vocab_size, max_len=max_len, **kw)
+
+  def encode(
+      self, batch: Mapping[str, Array], train: bool = False, modalities: tuple[str, ...] | None = None
+  ) -> dict[str, enc.Encoded]:
+    """(tokens, token_mask) per modality (default: all active); the seam the modality router wraps."""
+    del train  # no stochastic layers yet; kept so routing and dropout can use it
+    encoded = {}
+    for m in self.config.modalities if modalities is None else modalities:
+      if m not in self.encoders:
+        raise ValueError(f"modality {m!r} is not active; cfg.modalities = {self.config.modalities}")
+      if m == AUDIO:
+        encoded[m] = self.encoders[m](_require(batch, AUDIO), _require(batch, "audio_len"))
+      else:
+        encoded[m] = self.encoders[m](_require(batch, m))
+    return encoded
+
+  def answer(self, batch: Mapping[str, Array], image: enc.Encoded) -> Float[Array, "b a"]:
+    """VQA logits: question tokens (shared TextEncoder) fused with image tokens, or concatenated (ablation)."""
+    question, question_mask = self.encoders[TEXT](_require(batch, "question"))
+    tokens, mask = image
+    if self.config.fusion.cross_attention:
+      for block in self.vqa_blocks:
+        question, tokens = block(question, question_mask, tokens, mask)
+    pooled = [masked_mean_pool(question, question_mask), masked_mean_pool(tokens, mask)]
+    return self.vqa_head(jnp.concatenate([p.astype(self.config.dtype) for p in pooled], axis=-1))
+
+  def __call__(
+      self, batch: Mapping[str, Array], *, train: bool = False, heads: tuple[str, ...] = ALL_HEADS
+  ) -> dict[str, Any]:
+    """Outputs of the requested heads that the active modalities allow (see `available_heads`)."""
+    unknown = sorted(set(heads) - set(ALL_HEADS))
+    if unknown:
+      raise ValueError(f"unknown heads {unknown}; expected a subset of {ALL_HEADS}")
+    c = self.config
+    heads = tuple(h for h in heads if h in self.available_heads)
+    needed = set().union(*(HEAD_INPUTS.get(h, c.modalities) for h in heads))
+    encoded = self.encode(batch, train, tuple(m for m in c.modalities if m in needed))
+    pooled = {m: masked_mean_pool(*encoded[m]) for m in encoded}
+    batch_size = len(_require(batch, c.modalities[0]))
+    present = {
+        m: jnp.asarray(batch[present_key(m)], bool) if present_key(m) in batch else jnp.ones((batch_size,), bool)
+        for m in c.modalities
+    }
+    out: dict[str, Any] = {"present": present}
+    digits_shape = (-1, c.max_digits, DIGIT_CLASSES)
+    if "embed" in heads:
+      out["embeddings"] = {m: self.projections[m](pooled[m]) for m in c.modalities}
+      out["logit_scale"], out["logit_bias"] = self.logit_scale, self.logit_bias
+    if "pretrain" in heads:
+      out["pretrain_logits"] = {m: self.pretrain_heads[m](pooled[m]).reshape(digits_shape) for m in c.modalities}
+    if "vqa" in heads:
+      out["vqa_logits"] = self.answer(batch, encoded[IMAGE])
+    if "tagging" in heads:
+      out["tag_logits"] = self.tag_head(pooled[AUDIO])
+    if "asr" in heads:
+      out["ctc_logits"] = self.ctc_head(encoded[AUDIO][0])
+      out["ctc_mask"] = encoded[AUDIO][1]
+    if "fused" in heads:
+      fused, out["fusion_weights"] = self.fusion(pooled, present)
+      out["fused_logits"] = self.fused_head(fused).reshape(digits_shape)
+    return out
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """Tiny defaults that compile in seconds on a CPU; experiments override fields."""
+  cfg = ml_collections.ConfigDict()
+  cfg.modalities = ("image", "text", "audio", "video")  # active modalities, a subset of MODALITIES
+  cfg.joint_dim = 32  # width of the shared cross-modal embedding space (features)
+  cfg.dtype = "float32"  # compute dtype of heads and of encoders without their own `dtype` ("float32"/"bfloat16")
+  cfg.param_dtype = "float32"  # storage dtype of every param
+
+  cfg.image = image = ml_collections.ConfigDict()
+  image.size = (16, 64)  # (height, width) of input images, pixels
+  image.channels = 1  # colour channels
+  image.patch = (4, 4)  # (height, width) of one ViT patch, pixels
+  image.width, image.depth, image.heads, image.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
+
+  cfg.video = video = ml_collections.ConfigDict()
+  video.frames = 8  # frames per clip
+  video.size = (16, 16)  # (height, width) of a frame, pixels
+  video.channels = 1  # colour channels
+  video.tubelet = (2, 4, 4)  # (frames, height, width) of one tubelet token
+  video.width, video.depth, video.heads, video.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
+
+  cfg.audio = audio = ml_collections.ConfigDict()
+  audio.sample_rate = 8000  # waveform samples per second, Hz
+  audio.seconds = 4.0  # padded clip length, seconds
+  audio.n_fft = 512  # STFT window, samples
+  audio.hop = 160  # STFT hop, samples (one log-mel frame per hop)
+  audio.n_mels = 32  # mel bins
+  audio.patch_frames = 4  # log-mel frames per audio token
+  audio.width, audio.depth, audio.heads, audio.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
+
+  cfg.text = text = ml_collections.ConfigDict()
+  text.vocab_size = 259  # token ids, 0 = padding (byte tokenizer)
+  text.max_len = 48  # longest caption or question, tokens
+  text.width, text.depth, text.heads, text.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
+
+  cfg.fusion = fusion = ml_collections.ConfigDict()
+  fusion.cross_attention = True  # VQA fuses question and image by cross-attention (False: concatenation ablation)
+  fusion.gated = True  # Flamingo tanh-gated residuals (identity at init)
+  fusion.cross_depth = 1  # bidirectional cross-attention blocks
+  fusion.question_len = 32  # VQA question length, tokens
+
+  cfg.heads = heads = ml_collections.ConfigDict()
+  heads.max_digits = 4  # longest digit string (positions predicted by pretrain/fused heads)
+  heads.num_answers = 48  # closed VQA answer vocabulary
+  heads.num_tags = 10  # audio tagging labels (which digits are spoken)
+  return cfg
+
+
+def _get(cfg: ml_collections.ConfigDict, path: str) -> Any:
+  """cfg at a dotted path, or ValueError naming the missing key."""
+  node = cfg
+  for part in path.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      raise ValueError(f"model config lacks {path!r}")
+    node = node[part]
+  return node
+
+
+def _dtype(cfg: ml_collections.ConfigDict, path: str) -> Dtype:
+  name = _get(cfg, path)
+  if name not in DTYPES:
+    raise ValueError(f"{path}={name!r}: expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def _positive(cfg: ml_collections.ConfigDict, path: str) -> int:
+  value = _get(cfg, path)
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{path}={value!r} must be a positive integer")
+  return value
+
+
+def _divides(cfg: ml_collections.ConfigDict, sizes: tuple[str, ...], parts: str) -> tuple[int, ...]:
+  """The `parts` tuple, after checking it divides the sizes at the `sizes` paths elementwise."""
+  size = sum((tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in map(lambda k: _get(cfg, k), sizes)), ())
+  part = tuple(_get(cfg, parts))
+  if len(size) != len(part) or any(p <= 0 or s % p for s, p in zip(size, part)):
+    raise ValueError(f"{' x '.join(sizes)}={size} is not divisible by {parts}={part}")
+  return part
+
+
+def _tower(cfg: ml_collections.ConfigDict, m: str) -> TowerSpec:
+  width, heads = _positive(cfg, f"{m}.width"), _positive(cfg, f"{m}.heads")
+  if width % heads:
+    raise ValueError(f"{m}.width={width} is not divisible by {m}.heads={heads}")
+  dtype = _dtype(cfg, f"{m}.dtype") if "dtype" in cfg[m] else _dtype(cfg, "dtype")
+  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype)
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
+  """Validate `cfg` (ValueError naming the key) and build the model."""
+  modalities = tuple(_get(cfg, "modalities"))
+  if not modalities or len(set(modalities)) != len(modalities) or not set(modalities) <= set(MODALITIES):
+    raise ValueError(f"modalities={modalities}: expected distinct names from {MODALITIES}")
+  modalities = tuple(m for m in MODALITIES if m in modalities)
+  towers = tuple((m, _tower(cfg, m)) for m in modalities)
+  widths = {f"{m}.width": t.width for m, t in towers}
+  if len(set(widths.values())) > 1:
+    raise ValueError(f"adaptive fusion needs one width for all active modalities, got {widths}")
+  patch, tubelet = (1, 1), (1, 1, 1)
+  if IMAGE in modalities:
+    patch = _divides(cfg, ("image.size",), "image.patch")
+  if VIDEO in modalities:
+    tubelet = _divides(cfg, ("video.frames", "video.size"), "video.tubelet")
+  frontend = ()
+  if AUDIO in modalities:
+    keys = ("sample_rate", "n_fft", "hop", "n_mels", "patch_frames")
+    frontend = tuple((k, _positive(cfg, f"audio.{k}")) for k in keys)
+    a = dict(frontend)
+    if a["n_fft"] < a["hop"]:
+      raise ValueError(f"audio.n_fft={a['n_fft']} must be at least audio.hop={a['hop']}")
+    frames = num_frames(int(_get(cfg, "audio.seconds") * a["sample_rate"]), a["hop"])
+    if frames < a["patch_frames"]:
+      raise ValueError(f"audio.seconds={cfg.audio.seconds} gives {frames} frames, fewer than audio.patch_frames")
+  text_vocab = (0, 0)
+  if TEXT in modalities:
+    text_vocab = (_positive(cfg, "text.vocab_size"), _positive(cfg, "text.max_len"))
+    if _positive(cfg, "fusion.question_len") > text_vocab[1]:
+      raise ValueError(f"fusion.question_len={cfg.fusion.question_len} exceeds text.max_len={text_vocab[1]}")
+  fusion_dtype = _dtype(cfg, "fusion.dtype") if "dtype" in _get(cfg, "fusion") else _dtype(cfg, "dtype")
+  fusion = FusionSpec(
+      bool(_get(cfg, "fusion.cross_attention")), bool(_get(cfg, "fusion.gated")), _positive(cfg, "fusion.cross_depth"),
+      fusion_dtype,
+  )
+  return CrucibleModel(ModelConfig(
+      modalities=modalities, towers=towers, image_patch=tuple(patch), video_tubelet=tuple(tubelet),
+      audio_frontend=frontend, text_vocab=text_vocab, fusion=fusion, joint_dim=_positive(cfg, "joint_dim"),
+      max_digits=_positive(cfg, "heads.max_digits"), num_answers=_positive(cfg, "heads.num_answers"),
+      num_tags=_positive(cfg, "heads.num_tags"), dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),
+  ))
+
+
+def example_batch(cfg: ml_collections.ConfigDict, batch_size: int = 2) -> dict[str, jnp.ndarray]:
+  """Zero inputs of the right shapes for the active modalities (to init the model or trace a step)."""
+  modalities, b = tuple(cfg.modalities), batch_size
+  batch = {present_key(m): jnp.ones((b,), bool) for m in modalities}
+  if IMAGE in modalities:
+    batch[IMAGE] = jnp.zeros((b, *cfg.image.size, cfg.image.channels), jnp.float32)
+  if VIDEO in modalities:
+    batch[VIDEO] = jnp.zeros((b, cfg.video.frames, *cfg.video.size, cfg.video.channels), jnp.float32)
+  if AUDIO in modalities:
+    samples = int(cfg.audio.seconds * cfg.audio.sample_rate)
+    batch[AUDIO], batch["audio_len"] = jnp.zeros((b, samples), jnp.float32), jnp.full((b,), samples, jnp.int32)
+  if TEXT in modalities:
+    batch[TEXT] = jnp.ones((b, cfg.text.max_len), jnp.int32)
+    batch["question"] = jnp.ones((b, cfg.fusion.question_len), jnp.int32)
+  return batch

@@ -1,0 +1,163 @@
+"""One encoder per modality; each maps raw inputs to (tokens f32[B, N, width], token_mask bool[B, N])."""
+
+import einops
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from crucible_jax.common_types import EMBED, LENGTH, PATCH, VOCAB
+from crucible_jax.models.layers import TOKENS, Dtype, Transformer, dense, logical
+from crucible_jax.models.melspec import log_mel_spectrogram
+
+Encoded = tuple[Float[Array, "b n d"], Bool[Array, "b n"]]
+NORM_EPS = 1e-5
+
+
+class PositionalTransformer(nn.Module):
+  """Adds a learned positional embedding of `max_len` rows to embedded tokens, then runs a Transformer."""
+
+  max_len: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b n d"]:
+    length, width = x.shape[1:]
+    if length > self.max_len:
+      raise ValueError(f"sequence of {length} tokens exceeds max_len={self.max_len}")
+    pos = self.param(
+        "pos_embedding",
+        logical(nn.initializers.normal(0.02), (LENGTH, EMBED)),
+        (self.max_len, width),
+        self.param_dtype,
+    )
+    x = x + jnp.asarray(pos[:length], self.dtype)[None]
+    return Transformer(
+        self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer"
+    )(x, mask)
+
+
+class _Tower(nn.Module):
+  """Fields shared by every encoder: a Transformer tower of `width` x `depth`."""
+
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def encode_patches(self, patches: Float[Array, "b n p"], mask: Bool[Array, "b n"]) -> Float[Array, "b n d"]:
+    """Project flat patches to `width` and run the positional Transformer."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(patches.astype(self.dtype))
+    x = nn.with_logical_constraint(x, TOKENS)
+    return PositionalTransformer(
+        patches.shape[1], self.depth, self.num_heads, self.mlp_dim, name="encoder", **kw
+    )(x, mask)
+
+
+class ImageEncoder(_Tower):
+  """ViT: non-overlapping (ph, pw) patches of [B, H, W, C] images, row-major; no CLS token."""
+
+  patch: tuple[int, int] = (4, 4)
+
+  @nn.compact
+  def __call__(self, images: Float[Array, "b h w c"]) -> Encoded:
+    ph, pw = self.patch
+    if images.ndim != 4 or images.shape[1] % ph or images.shape[2] % pw:
+      raise ValueError(f"image batch {images.shape} is not [B, H, W, C] divisible by patch {self.patch}")
+    patches = einops.rearrange(images, "b (h ph) (w pw) c -> b (h w) (ph pw c)", ph=ph, pw=pw)
+    mask = jnp.ones(patches.shape[:2], bool)
+    return self.encode_patches(patches, mask), mask
+
+
+class VideoEncoder(_Tower):
+  """Tubelets of (t, ph, pw) over [B, F, H, W, C] clips, ordered time-major."""
+
+  tubelet: tuple[int, int, int] = (2, 4, 4)
+
+  @nn.compact
+  def __call__(self, video: Float[Array, "b f h w c"]) -> Encoded:
+    t, ph, pw = self.tubelet
+    if video.ndim != 5 or video.shape[1] % t or video.shape[2] % ph or video.shape[3] % pw:
+      raise ValueError(f"video batch {video.shape} is not [B, F, H, W, C] divisible by tubelet {self.tubelet}")
+    patches = einops.rearrange(
+        video, "b (f t) (h ph) (w pw) c -> b (f h w) (t ph pw c)", t=t, ph=ph, pw=pw
+    )
+    mask = jnp.ones(patches.shape[:2], bool)
+    return self.encode_patches(patches, mask), mask
+
+
+def normalize_per_utterance(
+    log_mel: Float[Array, "b f m"], frame_mask: Bool[Array, "b f"]
+) -> Float[Array, "b f m"]:
+  """Mean/variance normalise each mel bin over an utterance's valid frames; invalid frames become 0."""
+  weights = frame_mask[..., None].astype(jnp.float32)
+  count = jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+  mean = (log_mel * weights).sum(axis=1, keepdims=True) / count
+  var = (jnp.square(log_mel - mean) * weights).sum(axis=1, keepdims=True) / count
+  return (log_mel - mean) * jnp.sqrt(1.0 / (var + NORM_EPS)) * weights
+
+
+class AudioEncoder(_Tower):
+  """Waveform -> normalised log-mel -> one token per `patch_frames` frames (time-ordered, for CTC)."""
+
+  sample_rate: int = 8000
+  n_fft: int = 512
+  hop: int = 160
+  n_mels: int = 32
+  patch_frames: int = 4
+
+  def features(
+      self, wave: Float[Array, "b t"], lengths: Int[Array, " b"]
+  ) -> tuple[Float[Array, "b n p"], Bool[Array, "b n"]]:
+    """Flat log-mel patches and their mask; a token is valid when its first frame is."""
+    log_mel, frame_mask = log_mel_spectrogram(
+        wave, lengths, sample_rate=self.sample_rate, n_fft=self.n_fft, hop=self.hop, n_mels=self.n_mels
+    )
+    log_mel = normalize_per_utterance(log_mel, frame_mask)
+    tokens = log_mel.shape[1] // self.patch_frames
+    if tokens == 0:
+      raise ValueError(f"audio of {wave.shape[1]} samples is shorter than one patch of {self.patch_frames} frames")
+    usable = tokens * self.patch_frames
+    patches = einops.rearrange(log_mel[:, :usable], "b (n p) m -> b n (p m)", p=self.patch_frames)
+    return patches, frame_mask[:, :usable:self.patch_frames]
+
+  @nn.compact
+  def __call__(self, wave: Float[Array, "b t"], lengths: Int[Array, " b"]) -> Encoded:
+    patches, mask = self.features(wave, lengths)
+    return self.encode_patches(patches, mask), mask
+
+
+class TextEncoder(nn.Module):
+  """Token embedding (0 = padding) + learned positions -> Transformer with a key padding mask."""
+
+  vocab_size: int
+  max_len: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Int[Array, "b l"]) -> Encoded:
+    if tokens.ndim != 2:
+      raise ValueError(f"text tokens must be [B, L], got shape {tokens.shape}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    mask = tokens != 0
+    x = nn.Embed(
+        self.vocab_size,
+        self.width,
+        embedding_init=logical(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+        name="token_embed",
+        **kw,
+    )(tokens)
+    x = nn.with_logical_constraint(x, TOKENS)
+    x = PositionalTransformer(self.max_len, self.depth, self.num_heads, self.mlp_dim, name="encoder", **kw)(x, mask)
+    return x, mask

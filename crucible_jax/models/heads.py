@@ -1,0 +1,56 @@
+"""Pooling, the projection into the shared embedding space, and task classifiers."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from crucible_jax.common_types import CLASSES, EMBED, JOINT
+from crucible_jax.models.layers import Dtype, Mlp, dense, layer_norm
+
+L2_EPS = 1e-12
+
+
+def masked_mean_pool(tokens: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b d"]:
+  """Mean over valid tokens (accumulated in f32); a sample with no valid token pools to 0."""
+  weights = mask.astype(jnp.float32)[..., None]
+  total = jnp.sum(tokens.astype(jnp.float32) * weights, axis=1)
+  count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+  return (total / count).astype(tokens.dtype)
+
+
+def l2_normalize(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+  """x / |x| in f32; the zero vector stays zero."""
+  x = x.astype(jnp.float32)
+  return x * jnp.reciprocal(jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + L2_EPS))
+
+
+class JointProjection(nn.Module):
+  """Dense into the shared `joint_dim` space, then L2-normalise in f32 (the contrastive embedding)."""
+
+  joint_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pooled: Float[Array, "b d"]) -> Float[Array, "b j"]:
+    projected = dense(self.joint_dim, (EMBED, JOINT), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(
+        pooled
+    )
+    return l2_normalize(projected)
+
+
+class ClassifierHead(nn.Module):
+  """LN (+ optional gelu MLP of `hidden` units) + Dense to `num_classes` f32 logits."""
+
+  num_classes: int
+  hidden: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... k"]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = layer_norm(name="ln", **kw)(x)
+    if self.hidden:
+      x = x + Mlp(self.hidden, name="mlp", **kw)(x)
+    return dense(self.num_classes, (EMBED, CLASSES), name="logits", **kw)(x).astype(jnp.float32)

@@ -1,0 +1,172 @@
+"""Transformer building blocks; every param carries logical axis names so `parallel.rules` can shard it."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from crucible_jax.common_types import BATCH, EMBED, HEADS, KV, LENGTH, MLP, NORM
+
+Dtype = Any
+Initializer = Any
+
+default_kernel_init = nn.initializers.lecun_normal()
+TOKENS: tuple[str, str, str] = (BATCH, LENGTH, EMBED)
+
+
+def logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
+  """Shorthand for `nn.with_logical_partitioning`."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(
+    features: int,
+    names: tuple[str, str],
+    *,
+    dtype: Dtype,
+    param_dtype: Dtype,
+    name: str | None = None,
+    use_bias: bool = True,
+) -> nn.Dense:
+  """A Dense whose kernel is named `names` (in, out) and whose bias is named (out,)."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=logical(default_kernel_init, names),
+      bias_init=logical(nn.initializers.zeros_init(), (names[1],)),
+      name=name,
+  )
+
+
+def layer_norm(*, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm with ("norm",) scale and bias; statistics are computed in f32 by Flax."""
+  return nn.LayerNorm(
+      dtype=dtype,
+      param_dtype=param_dtype,
+      scale_init=logical(nn.initializers.ones_init(), (NORM,)),
+      bias_init=logical(nn.initializers.zeros_init(), (NORM,)),
+      name=name,
+  )
+
+
+def as_attention_mask(mask: Bool[Array, "..."] | None, q_len: int) -> Bool[Array, "b q k"] | None:
+  """Turn a key padding mask [B, Lk] or a full mask [B, Lq, Lk] into [B, Lq, Lk]."""
+  if mask is None:
+    return None
+  if mask.ndim == 2:
+    return jnp.broadcast_to(mask[:, None, :], (mask.shape[0], q_len, mask.shape[1]))
+  if mask.ndim == 3:
+    return mask
+  raise ValueError(f"attention mask must be [B, Lk] or [B, Lq, Lk], got shape {mask.shape}")
+
+
+class MultiHeadAttention(nn.Module):
+  """Queries from `x`, keys/values from `context`; softmax in f32; rows with no valid key output zeros."""
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      x: Float[Array, "b q d"],
+      context: Float[Array, "b k c"] | None = None,
+      mask: Bool[Array, "..."] | None = None,
+  ) -> Float[Array, "b q d"]:
+    context = x if context is None else context
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
+    head_dim = width // self.num_heads
+
+    def projection(name: str) -> nn.DenseGeneral:
+      return nn.DenseGeneral(
+          (self.num_heads, head_dim),
+          dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=logical(default_kernel_init, (EMBED, HEADS, KV)),
+          bias_init=logical(nn.initializers.zeros_init(), (HEADS, KV)),
+          name=name,
+      )
+
+    query = projection("query")(x) * jnp.asarray(head_dim**-0.5, self.dtype)
+    key = projection("key")(context)
+    value = projection("value")(context)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    full_mask = as_attention_mask(mask, x.shape[1])
+    if full_mask is not None:
+      logits = jnp.where(full_mask[:, None], logits, -jnp.inf)
+      has_key = jnp.any(full_mask, axis=-1)[:, None, :, None]
+      logits = jnp.where(has_key, logits, 0.0)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if full_mask is not None:
+      probs = jnp.where(has_key, probs, 0.0)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
+    return nn.DenseGeneral(
+        width,
+        axis=(-2, -1),
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=logical(default_kernel_init, (HEADS, KV, EMBED)),
+        bias_init=logical(nn.initializers.zeros_init(), (EMBED,)),
+        name="out",
+    )(attended)
+
+
+class Mlp(nn.Module):
+  """Position-wise gelu MLP: embed -> mlp -> embed."""
+
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.hidden, (EMBED, MLP), name="fc1", **kw)(x)
+    h = nn.gelu(h)
+    if h.ndim == 3:
+      h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP))
+    return dense(x.shape[-1], (MLP, EMBED), name="fc2", **kw)(h)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None = None) -> Float[Array, "b n d"]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = layer_norm(name="ln_attn", **kw)(x)
+    x = x + MultiHeadAttention(self.num_heads, name="attn", **kw)(h, mask=mask)
+    x = nn.with_logical_constraint(x, TOKENS)
+    h = layer_norm(name="ln_mlp", **kw)(x)
+    x = x + Mlp(self.mlp_dim, name="mlp", **kw)(h)
+    return nn.with_logical_constraint(x, TOKENS)
+
+
+class Transformer(nn.Module):
+  """A stack of `depth` pre-LN blocks and a final LayerNorm."""
+
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None = None) -> Float[Array, "b n d"]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.with_logical_constraint(x.astype(self.dtype), TOKENS)
+    for i in range(self.depth):
+      x = TransformerBlock(self.num_heads, self.mlp_dim, name=f"block_{i}", **kw)(x, mask)
+    return layer_norm(name="ln_final", **kw)(x)
