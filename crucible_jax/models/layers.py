@@ -64,6 +64,40 @@ def as_attention_mask(mask: Bool[Array, "..."] | None, q_len: int) -> Bool[Array
   raise ValueError(f"attention mask must be [B, Lk] or [B, Lq, Lk], got shape {mask.shape}")
 
 
+class HeadProjection(nn.Module):
+  """[B, L, embed] → [B, L, heads, kv] with a kernel laid out (embed, heads, kv) so each axis keeps its name."""
+
+  num_heads: int
+  head_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l h k"]:
+    kernel = self.param("kernel", logical(default_kernel_init, (EMBED, HEADS, KV)),
+                        (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
+    bias = self.param("bias", logical(nn.initializers.zeros_init(), (HEADS, KV)),
+                      (self.num_heads, self.head_dim), self.param_dtype)
+    y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class HeadMerge(nn.Module):
+  """[B, L, heads, kv] → [B, L, embed], kernel (heads, kv, embed)."""
+
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "b l h k"]) -> Float[Array, "b l d"]:
+    kernel = self.param("kernel", logical(default_kernel_init, (HEADS, KV, EMBED)),
+                        (x.shape[-2], x.shape[-1], self.width), self.param_dtype)
+    bias = self.param("bias", logical(nn.initializers.zeros_init(), (EMBED,)), (self.width,), self.param_dtype)
+    y = jnp.einsum("blhk,hkd->bld", x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
   """Queries from `x`, keys/values from `context`; softmax in f32; rows with no valid key output zeros."""
 
@@ -84,15 +118,8 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
     head_dim = width // self.num_heads
 
-    def projection(name: str) -> nn.DenseGeneral:
-      return nn.DenseGeneral(
-          (self.num_heads, head_dim),
-          dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=logical(default_kernel_init, (EMBED, HEADS, KV)),
-          bias_init=logical(nn.initializers.zeros_init(), (HEADS, KV)),
-          name=name,
-      )
+    def projection(name: str) -> "HeadProjection":
+      return HeadProjection(self.num_heads, head_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     query = projection("query")(x) * jnp.asarray(head_dim**-0.5, self.dtype)
     key = projection("key")(context)
@@ -107,15 +134,7 @@ class MultiHeadAttention(nn.Module):
     if full_mask is not None:
       probs = jnp.where(has_key, probs, 0.0)
     attended = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
-    return nn.DenseGeneral(
-        width,
-        axis=(-2, -1),
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=logical(default_kernel_init, (HEADS, KV, EMBED)),
-        bias_init=logical(nn.initializers.zeros_init(), (EMBED,)),
-        name="out",
-    )(attended)
+    return HeadMerge(width, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(attended)
 
 
 class Mlp(nn.Module):

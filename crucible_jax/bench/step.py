@@ -1,0 +1,70 @@
+"""`crucible bench step`: samples/s and achieved FLOP/s of the train step against the matmul peak measured here."""
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from crucible_jax.bench.common import compiled_flops, device_info, matmul_peak, time_call
+from crucible_jax.bench.flops import contrastive_train_flops
+from crucible_jax.train.setup import Experiment
+
+
+def random_batch(experiment: Experiment, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch in the schema with random pixels/waveforms/tokens (the step's cost does not depend on content)."""
+  rng = np.random.default_rng(seed)
+  batch = experiment.example_batch()
+  out = {}
+  for key, value in batch.items():
+    if value.dtype == np.float32:
+      out[key] = rng.random(value.shape, np.float32)
+    elif value.dtype == np.bool_:
+      out[key] = np.ones(value.shape, bool)
+    else:
+      out[key] = rng.integers(1, 10, value.shape).astype(value.dtype)
+  out["audio_len"] = np.full(batch["audio_len"].shape, batch["audio"].shape[1], np.int32)
+  out["num_digits"] = np.full(batch["num_digits"].shape, batch["digits"].shape[1], np.int32)
+  out["weight"] = np.ones(batch["weight"].shape, np.float32)
+  return out
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compile the first stage's train step, time it, and measure the machine's f32/bf16 matmul peak beside it."""
+  experiment = Experiment(config)
+  plan = experiment.plans[0]
+  tx, *_ = experiment.stage_parts(plan)
+  _, make, shardings = experiment.state_layout(tx)
+  state = experiment.new_state(make, shardings, experiment.init_params(jax.random.key(config.seed)))
+  step = experiment.train_step(plan, shardings)
+  batch = jax.device_put(random_batch(experiment), experiment.batch_sharding)
+  rng = jax.random.key(1)
+  with jax.set_mesh(experiment.mesh):
+    compiled = step.lower(state, batch, rng).compile()
+    xla_flops = compiled_flops(compiled)
+    holder = {"state": state}
+
+    def one_step():
+      holder["state"], metrics = compiled(holder["state"], batch, rng)
+      return metrics["loss"]
+
+    seconds = time_call(one_step, iters=int(config.get("bench_steps", 10)), warmup=2)
+  compute = str(config.precision.compute)
+  peak = matmul_peak("bfloat16" if compute == "bfloat16" else "float32")
+  analytic = contrastive_train_flops(config.model, config.batch_size)
+  flops_per_s = xla_flops / seconds
+  return {
+      **device_info(experiment.mesh),
+      "workload": {"batch_size": config.batch_size, "modalities": list(config.model.modalities),
+                   "compute_dtype": compute},
+      "step_s": seconds,
+      "samples_per_s": config.batch_size / seconds,
+      "model_flops_per_step": xla_flops,
+      "analytic_flops_per_step": analytic,
+      "flops_per_s": flops_per_s,
+      "analytic_flops_per_s": analytic / seconds,
+      "peak_flops_per_s": peak["peak_flops_per_s"],
+      "peak_detail": peak,
+      "fraction_of_peak": flops_per_s / peak["peak_flops_per_s"],
+      "note": "step_s is the best of bench_steps timed steps; peak is the best square matmul measured in this process",
+  }

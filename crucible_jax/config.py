@@ -1,0 +1,181 @@
+"""Experiment files → validated `ml_collections.ConfigDict`.
+
+An experiment is a Python file with `get_config(arg: str | None) -> ConfigDict` (big_vision convention);
+`path.py:arg` selects a variant and `a.b=value` overrides any existing field. Validation runs before anything
+compiles and names the offending key.
+"""
+
+import ast
+import importlib.util
+import math
+import pathlib
+from typing import Any, Iterable
+
+import ml_collections
+
+from crucible_jax.common_types import MODALITIES
+
+STAGE_NAMES = ("unimodal", "align", "joint")
+NAN_POLICIES = ("skip", "abort")
+LOSS_KINDS = ("clip", "siglip")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key."""
+
+
+def load_experiment(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Load `path.py[:arg]`, apply `key=value` overrides, validate, and return the locked config."""
+  path_str, _, arg = spec.partition(":")
+  path = pathlib.Path(path_str)
+  if not path.is_file():
+    raise ConfigError(f"experiment file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location(f"crucible_experiment_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} defines no get_config(arg)")
+  config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(config)}")
+  for item in overrides:
+    apply_override(config, item)
+  validate(config)
+  config.lock()
+  return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+  """Apply one `a.b.c=value`; the value is parsed to the existing field's type."""
+  key, sep, raw = item.partition("=")
+  key = key.strip().removeprefix("--config.").removeprefix("config.")
+  if not sep or not key:
+    raise ConfigError(f"override {item!r} is not of the form key=value")
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r} (in override {item!r})")
+    node = node[part]
+  if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    raise ConfigError(f"unknown config key {key!r} (in override {item!r})")
+  node[leaf] = _parse_like(node[leaf], raw, key)
+
+
+def _parse_like(current: Any, raw: str, key: str) -> Any:
+  """Parse `raw` to the type of `current` (bool/int/float/str/tuple/None)."""
+  if isinstance(current, bool):
+    if raw.lower() in ("true", "1", "yes"):
+      return True
+    if raw.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"config key {key!r} wants a bool, got {raw!r}")
+  if isinstance(current, str) or current is None:
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      return raw
+    return value if current is None else raw
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"config key {key!r} wants {type(current).__name__}, got {raw!r}") from e
+  if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+    return type(current)(value)
+  if isinstance(current, ml_collections.ConfigDict) and isinstance(value, dict):
+    return ml_collections.ConfigDict(value)
+  if type(value) is not type(current):
+    raise ConfigError(f"config key {key!r} wants {type(current).__name__}, got {raw!r}")
+  return value
+
+
+def _require(config: ml_collections.ConfigDict, keys: Iterable[str]) -> None:
+  for key in keys:
+    node = config
+    for part in key.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        raise ConfigError(f"config lacks required key {key!r}")
+      node = node[part]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError naming the key for anything that would fail later (or silently do the wrong thing)."""
+  _require(config, ("seed", "batch_size", "data", "model", "mesh", "sharding.layout", "stages", "stage_order",
+                    "evals", "checkpoint.every", "checkpoint.keep", "log_every", "nan_policy", "loss_kind"))
+  if config.batch_size <= 0:
+    raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
+  if config.nan_policy not in NAN_POLICIES:
+    raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {config.nan_policy!r}")
+  if config.loss_kind not in LOSS_KINDS:
+    raise ConfigError(f"loss_kind must be one of {LOSS_KINDS}, got {config.loss_kind!r}")
+  _validate_mesh(config)
+  _validate_modalities(config)
+  _validate_stages(config)
+
+
+def _validate_mesh(config: ml_collections.ConfigDict) -> None:
+  sizes = dict(config.mesh)
+  unknown = sorted(set(sizes) - {"data", "fsdp", "tensor"})
+  if unknown:
+    raise ConfigError(f"mesh has unknown axes {unknown}; known: data, fsdp, tensor")
+  if sum(1 for v in sizes.values() if v == -1) > 1:
+    raise ConfigError(f"mesh may fill at most one axis with -1, got {sizes}")
+  for name, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ConfigError(f"mesh.{name} must be positive or -1, got {size}")
+  fixed = math.prod(v for v in sizes.values() if v > 0)
+  batch_axes = [sizes.get("data", 1), sizes.get("fsdp", 1)]
+  if -1 not in batch_axes and config.batch_size % math.prod(batch_axes):
+    raise ConfigError(f"batch_size={config.batch_size} is not divisible by mesh data×fsdp={math.prod(batch_axes)}")
+  if fixed <= 0:
+    raise ConfigError(f"mesh sizes must be positive, got {sizes}")
+
+
+def _validate_modalities(config: ml_collections.ConfigDict) -> None:
+  active = tuple(config.model.modalities)
+  for m in active:
+    if m not in MODALITIES:
+      raise ConfigError(f"model.modalities has unknown modality {m!r}; known: {MODALITIES}")
+  data, model = config.data, config.model
+  checks = {
+      "image": [("data.image_size", tuple(data.image_size), "model.image.size", tuple(model.image.size))],
+      "video": [("data.video_frames", data.video_frames, "model.video.frames", model.video.frames),
+                ("data.video_size", tuple(data.video_size), "model.video.size", tuple(model.video.size))],
+      "audio": [("data.sample_rate", data.sample_rate, "model.audio.sample_rate", model.audio.sample_rate),
+                ("data.audio_seconds", data.audio_seconds, "model.audio.seconds", model.audio.seconds)],
+      "text": [("data.text_len", data.text_len, "model.text.max_len", model.text.max_len)],
+  }
+  for m in active:
+    for data_key, data_value, model_key, model_value in checks[m]:
+      if data_value != model_value:
+        raise ConfigError(f"{data_key}={data_value} disagrees with {model_key}={model_value}")
+
+
+def _validate_stages(config: ml_collections.ConfigDict) -> None:
+  active = set(config.model.modalities)
+  if not config.stage_order:
+    raise ConfigError("stage_order is empty: nothing to train")
+  for name in config.stage_order:
+    if name not in config.stages:
+      raise ConfigError(f"stage_order names {name!r}, which is not in stages ({list(config.stages)})")
+    stage = config.stages[name]
+    _require(stage, ("steps", "lr", "warmup", "objective", "frozen"))
+    if stage.steps < 0 or stage.lr < 0 or stage.warmup < 0:
+      raise ConfigError(f"stages.{name}: steps, lr and warmup must be ≥ 0")
+    if stage.warmup > stage.steps:
+      raise ConfigError(f"stages.{name}.warmup={stage.warmup} exceeds steps={stage.steps}")
+    for term in stage.objective:
+      kind, _, rest = term.partition("/")
+      needed = set(rest.split("-")) if kind == "contrastive" else {rest} if kind == "pretrain" else set()
+      needed |= {"vqa": {"image", "text"}, "tagging": {"audio"}, "asr": {"audio"}}.get(kind, set())
+      missing = needed - active
+      if missing:
+        raise ConfigError(f"stages.{name}.objective.{term} needs modalities {sorted(missing)} "
+                          f"not in model.modalities {sorted(active)}")
+  for name, evaluator in config.evals.items():
+    for pair in evaluator.get("pairs", ()):
+      missing = set(pair) - active
+      if missing:
+        raise ConfigError(f"evals.{name}.pairs has {tuple(pair)}: modalities {sorted(missing)} not in the model")

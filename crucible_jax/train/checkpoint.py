@@ -1,0 +1,54 @@
+"""Orbax checkpoints of the train state, the grain iterator and where the run is (stage, step)."""
+
+import pathlib
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+STATE_FIELDS = ("step", "params", "opt_state", "comp_state", "skipped")
+
+
+class Checkpointer:
+  """CheckpointManager over `workdir/checkpoints`, keyed by the run's global step."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, keep: int, async_save: bool = True):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._last_saved = self.manager.latest_step()
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, global_step: int, state: Any, iterator: grain.DatasetIterator, meta: dict) -> None:
+    """Save (asynchronously when configured) state fields, the iterator position and `meta`; once per step."""
+    if global_step == self._last_saved:
+      return
+    self._last_saved = global_step
+    tree = {name: getattr(state, name) for name in STATE_FIELDS}
+    self.manager.save(global_step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree),
+        data=grain.checkpoint.CheckpointSave(iterator),
+        meta=ocp.args.JsonSave(meta)))
+
+  def restore_meta(self, global_step: int) -> dict:
+    """Where the saved run was (stage, step), read before the state's structure is known."""
+    return self.manager.restore(global_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, global_step: int, abstract_state: Any, iterator: grain.DatasetIterator) -> Any:
+    """Restore onto the shardings of `abstract_state` (any mesh) and rewind `iterator` in place."""
+    target = {name: getattr(abstract_state, name) for name in STATE_FIELDS}
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    restored = self.manager.restore(global_step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data=grain.checkpoint.CheckpointRestore(iterator)))
+    return abstract_state.replace(**restored["state"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

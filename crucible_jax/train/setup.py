@@ -1,0 +1,109 @@
+"""An experiment's compiled pieces on a mesh — model, shardings, state, steps — with no data and no files.
+
+The trainer and the benchmarks share it; it never imports the data pipeline, so `crucible bench step` runs on a
+machine without grain or tfds.
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from crucible_jax.data.schema import example_batch
+from crucible_jax.models import ALL_HEADS, build_model
+from crucible_jax.parallel import compression, mesh as mesh_lib, precision, rules as rules_lib
+from crucible_jax.train import objectives, optim, stages as stages_lib, step as step_lib
+from crucible_jax.train.state import TrainState
+
+
+class Experiment:
+  """Model, mesh and sharded state/step builders of one validated config."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
+    self.config = config
+    self.mesh = mesh or mesh_lib.build_mesh(dict(config.mesh))
+    mesh_lib.check_batch_divisible(config.batch_size, self.mesh)
+    self.rules = rules_lib.rules_for(config.sharding.layout)
+    model_cfg = precision.Policy.from_config(config.get("precision", {})).apply_to_model_config(config.model)
+    self.model = build_model(model_cfg)
+    self.plans = stages_lib.plan_stages(config)
+    self.replicated = rules_lib.replicated(self.mesh)
+    self.batch_sharding = rules_lib.batch_sharding(self.mesh)
+    boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+    self.param_shardings = rules_lib.logical_to_shardings(boxed, self.mesh, self.rules)
+    self.abstract_params = nn.meta.unbox(boxed)
+    self._jitted_init = jax.jit(lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=self.param_shardings)
+
+  def example_batch(self, batch_size: int | None = None) -> dict:
+    """Zeros in the batch schema's shapes."""
+    return example_batch(self.config.data, batch_size or self.config.batch_size)
+
+  def _init_boxed(self, rng: jax.Array) -> Any:
+    with nn.logical_axis_rules(self.rules):
+      return self.model.init({"params": rng, "routing": rng}, self.example_batch(), train=False,
+                             heads=ALL_HEADS)["params"]
+
+  def init_params(self, rng: jax.Array) -> Any:
+    """Fresh params, born sharded on the mesh (one compile, never eager)."""
+    with jax.set_mesh(self.mesh):
+      return self._jitted_init(rng)
+
+  def stage_parts(self, plan: stages_lib.StagePlan) -> tuple[optax.GradientTransformation, Any, tuple, Callable]:
+    """Optimizer, frozen mask, model heads and objective of one stage."""
+    groups = dict(self.config.optim.get("groups", {}))
+    tx = optim.build_optimizer(plan.cfg, self.config.optim, self.abstract_params)
+    labels = optim.param_labels(self.abstract_params, tuple(plan.cfg.frozen), groups)
+    frozen = jax.tree.map(lambda label: label == optim.FROZEN, labels)
+    # Contrastive losses run as a ring over the data axes (no global B×B matrix on a device), unless the whole
+    # loss already runs per shard inside the compressed-gradient shard_map.
+    ring_mesh = self.mesh if self.config.compression.method == "none" else None
+    heads, objective = objectives.build_objective(dict(plan.cfg.objective), loss_kind=self.config.loss_kind,
+                                                  mesh=ring_mesh)
+    return tx, frozen, heads, objective
+
+  def state_layout(self, tx: optax.GradientTransformation) -> tuple[TrainState, Callable, TrainState]:
+    """(abstract state with shardings, `make(params) -> state`, state shardings)."""
+    method, comp_cfg = self.config.compression.method, self.config.compression
+    comp_args = dict(rank=comp_cfg.rank, block=comp_cfg.get("block", 256))
+
+    def make(params: Any) -> TrainState:
+      comp = compression.init_compression_state(params, method, self.mesh, **comp_args) if method != "none" else {}
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                        comp_state=comp, skipped=jnp.zeros((), jnp.int32), tx=tx)
+
+    with jax.set_mesh(self.mesh):
+      abstract = jax.eval_shape(make, self.abstract_params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, self.abstract_params),
+                                          self.param_shardings, transform_non_params=lambda _: self.replicated)
+    comp_shardings = compression.compression_state_shardings(self.abstract_params, method, self.mesh, **comp_args)
+    shardings = abstract.replace(step=self.replicated, params=self.param_shardings, opt_state=opt_shardings,
+                                 comp_state=comp_shardings, skipped=self.replicated)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return abstract, make, shardings
+
+  def new_state(self, make: Callable, shardings: TrainState, params: Any) -> TrainState:
+    """A fresh train state around `params`, laid out on the mesh."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(make, out_shardings=shardings)(params)
+
+  def train_step(self, plan: stages_lib.StagePlan, shardings: TrainState) -> Callable:
+    """The stage's jitted `train_step(state, batch, rng)`, donating the state."""
+    tx, frozen, heads, objective = self.stage_parts(plan)
+    loss_fn = step_lib.make_loss_fn(self.model, objective, heads, frozen, self.rules)
+    method = self.config.compression.method
+    grad_fn = None
+    if method != "none":
+      grad_fn = compression.make_compressed_value_and_grad(loss_fn, self.mesh, method,
+                                                           rank=self.config.compression.rank,
+                                                           block=self.config.compression.get("block", 256))
+    batch_shardings = {key: self.batch_sharding for key in self.example_batch(1)}
+    return jax.jit(step_lib.make_train_step(loss_fn, grad_fn=grad_fn),
+                   in_shardings=(shardings, batch_shardings, self.replicated),
+                   out_shardings=(shardings, self.replicated), donate_argnums=0)
+
+  def eval_step(self, heads: tuple[str, ...]) -> Callable:
+    """Jitted `eval_step(params, batch) -> outputs`."""
+    return jax.jit(step_lib.make_eval_step(self.model, heads, self.rules))

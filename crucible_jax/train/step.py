@@ -1,0 +1,75 @@
+"""Pure train and eval steps: built once per stage, compiled once with `jax.jit`."""
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from crucible_jax.train.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+Objective = Callable[[dict, Batch], tuple[jax.Array, dict]]
+Metrics = dict[str, jax.Array]
+Rules = tuple[tuple[str, Any], ...]
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def stop_frozen(params: Any, frozen: Any) -> Any:
+  """Cut gradients of frozen params so XLA drops their backward computation, not just zeroes its result."""
+  return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+
+
+def make_loss_fn(model: nn.Module, objective: Objective, heads: tuple[str, ...], frozen: Any,
+                 rules: Rules = ()) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]:
+  """`loss_fn(params, batch, rng) -> (loss, metrics)` for one stage; activations constrained by `rules`."""
+
+  def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+    dropout_rng, router_rng = jax.random.split(rng)
+    with nn.logical_axis_rules(rules):
+      outputs = model.apply({"params": stop_frozen(params, frozen)}, batch, train=True, heads=heads,
+                            rngs={"dropout": dropout_rng, "routing": router_rng})
+    loss, metrics = objective(outputs, batch)
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(loss_fn: Callable, *, grad_fn: Callable | None = None
+                    ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+  """`train_step(state, batch, rng) -> (state, metrics)`; a non-finite loss or gradient skips the update.
+
+  `grad_fn(params, batch, comp_state, rng) -> ((loss, metrics), grads, comp_state)` replaces plain autodiff
+  when gradients are reduced explicitly (compression).
+  """
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    if grad_fn is None:
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+      comp_state = state.comp_state
+    else:
+      (loss, metrics), grads, comp_state = grad_fn(state.params, batch, state.comp_state, rng)
+    finite = jnp.isfinite(loss) & all_finite(grads)
+    updated = state.apply_gradients(grads).replace(comp_state=comp_state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    new_state = new_state.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), finite=finite)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, heads: tuple[str, ...], rules: Rules = ()) -> Callable[[Any, Batch], dict]:
+  """`eval_step(params, batch) -> outputs` with deterministic routing and no dropout."""
+
+  def eval_step(params: Any, batch: Batch) -> dict:
+    with nn.logical_axis_rules(rules):
+      return model.apply({"params": params}, batch, train=False, heads=heads)
+
+  return eval_step

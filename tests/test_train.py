@@ -1,0 +1,114 @@
+"""The trainer end to end on DigitWorld :tiny — learning, resume exactness, restore on another mesh, NaN policy."""
+
+import json
+import os
+import pathlib
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from crucible_jax.config import load_experiment
+from crucible_jax.parallel.mesh import build_mesh
+from crucible_jax.train import stages
+from crucible_jax.train.loop import Preempted, Trainer
+
+DIGIT_WORLD = str(pathlib.Path(__file__).parent.parent / "experiments" / "digit_world.py")
+SHORT = ["--config.stage_order=('unimodal', 'align')", "--config.stages.unimodal.steps=6",
+         "--config.stages.unimodal.warmup=2", "--config.stages.align.steps=6", "--config.stages.align.warmup=2",
+         "--config.checkpoint.every=4", "--config.log_every=2", "--config.eval_splits=('val',)",
+         "--config.checkpoint.async_save=false"]
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _run(workdir, overrides=(), *, stop_at=None, mesh=None):
+  """Run a trainer; with `stop_at`, deliver a real SIGTERM to this process after that global step."""
+  config = load_experiment(f"{DIGIT_WORLD}:tiny", list(SHORT) + list(overrides))
+  trainer = Trainer(config, workdir, mesh=mesh)
+  if stop_at is not None:
+    trainer.add_hook(lambda info: os.kill(os.getpid(), signal.SIGTERM) if info.global_step == stop_at else None,
+                     every=1)
+  try:
+    results = trainer.run()
+    return trainer, results
+  finally:
+    trainer.close()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
+  trainer, results = _run(workdir)
+  return workdir, trainer, results
+
+
+def test_results_json_and_metrics_written(uninterrupted):
+  workdir, trainer, results = uninterrupted
+  saved = json.loads((workdir / "results.json").read_text())
+  assert saved["steps"] == 12 and saved["wall_s"] > 0
+  assert "val/image_to_text/R@1" in saved and 0.0 <= saved["val/image_to_text/R@1"] <= 1.0
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+  assert {r["stage"] for r in rows} == {"unimodal", "align"}
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
+  _, straight, straight_results = uninterrupted
+  with pytest.raises(Preempted, match="global step 9"):
+    _run(tmp_path, stop_at=9)  # mid-stage 2: the stage-1 handoff and the iterator position must both survive
+  resumed, resumed_results = _run(tmp_path)
+  straight_params = straight.restore_final_params()
+  resumed_params = resumed.restore_final_params()
+  for a, b in zip(_leaves(straight_params), _leaves(resumed_params)):
+    np.testing.assert_array_equal(a, b)
+  for key, value in straight_results.items():
+    if key != "wall_s":
+      assert resumed_results[key] == value, key
+
+
+def test_restore_on_a_different_mesh(uninterrupted):
+  workdir, straight, _ = uninterrupted
+  config = load_experiment(f"{DIGIT_WORLD}:tiny", SHORT + ["--config.mesh.data=4"])
+  small = Trainer(config, workdir, mesh=build_mesh({"data": 4, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:4]))
+  try:
+    params = small.restore_final_params()
+  finally:
+    small.close()
+  leaf = jax.tree.leaves(params)[0]
+  assert len(leaf.sharding.device_set) == 4
+  for a, b in zip(_leaves(straight.restore_final_params()), _leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_stage_handoff_carries_only_matching_paths():
+  previous = {"image_encoder": {"w": np.ones(2)}, "vqa_head": {"w": np.ones(2)}}
+  fresh = {"image_encoder": {"w": np.zeros(2)}, "vqa_head": {"w": np.zeros(2)}, "new": {"w": np.zeros(1)}}
+  out = stages.handoff(previous, fresh, carry=("_encoder",))
+  np.testing.assert_array_equal(out["image_encoder"]["w"], 1)
+  np.testing.assert_array_equal(out["vqa_head"]["w"], 0)
+  assert "new" in out
+
+
+@pytest.mark.parametrize("policy", ["skip", "abort"])
+def test_non_finite_loss_policy(policy, tmp_path):
+  # A learning rate near f32's max makes the first update overflow the params, so later losses are NaN.
+  overrides = [f"--config.nan_policy={policy}", "--config.stages.unimodal.lr=3e38",
+               "--config.stage_order=('unimodal',)"]
+  if policy == "abort":
+    with pytest.raises(FloatingPointError, match="nan_policy='abort'"):
+      _run(tmp_path, overrides)
+    return
+  trainer, _ = _run(tmp_path, overrides + ["--config.eval_splits=()"])
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["skipped"] > 0
+  assert all(np.isfinite(leaf).all() for leaf in _leaves(trainer.restore_final_params()))
+
+
+def test_diverged_params_fail_evaluation_clearly(tmp_path):
+  with pytest.raises(FloatingPointError, match="not finite"):
+    _run(tmp_path, ["--config.stages.unimodal.lr=3e38", "--config.stage_order=('unimodal',)"])
