@@ -30,10 +30,26 @@ BATCH_SCHEMA: dict[str, tuple[str, tuple[str, ...], str]] = {
     **{f"{m}_corrupted": ("bool", (), f"{m} was deliberately corrupted (robustness variants)") for m in MODALITIES},
 }
 
+# Keys only some sources carry. A batch has one exactly when its data config sets the size named here (DigitWorld
+# sets neither: its tagging targets are the digits, its VQA has one answer per question).
+OPTIONAL_SCHEMA: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "labels": ("float32", ("K",), "multi-hot class labels (AudioSet's 527), K = data.num_labels"),
+    "answers": ("int32", ("A",), "VQA vocabulary indices of the A = data.num_human_answers human answers; "
+                "-1 = padding, -2 = an answer outside the vocabulary"),
+}
+OPTIONAL_SIZES = {"labels": ("K", "num_labels"), "answers": ("A", "num_human_answers")}
+
+
+def batch_schema(data_cfg) -> dict[str, tuple[str, tuple[str, ...], str]]:
+  """BATCH_SCHEMA plus the optional keys `data_cfg` asks for."""
+  optional = {k: v for k, v in OPTIONAL_SCHEMA.items() if data_cfg.get(OPTIONAL_SIZES[k][1])}
+  return {**BATCH_SCHEMA, **optional}
+
 
 def check_batch(batch: Mapping[str, np.ndarray], required: tuple[str, ...] = ()) -> None:
   """Raise ValueError naming the culprit key if `batch` breaks the schema."""
-  unknown = sorted(set(batch) - set(BATCH_SCHEMA))
+  known = {**BATCH_SCHEMA, **OPTIONAL_SCHEMA}
+  unknown = sorted(set(batch) - set(known))
   if unknown:
     raise ValueError(f"batch has keys outside the schema: {unknown}")
   missing = [k for k in required if k not in batch]
@@ -43,7 +59,7 @@ def check_batch(batch: Mapping[str, np.ndarray], required: tuple[str, ...] = ())
   if len(set(sizes.values())) > 1:
     raise ValueError(f"batch keys disagree on the batch size: {sizes}")
   for key, value in batch.items():
-    dtype, dims, _ = BATCH_SCHEMA[key]
+    dtype, dims, _ = known[key]
     if np.ndim(value) != len(dims) + 1:
       raise ValueError(f"batch[{key!r}] has rank {np.ndim(value)}, schema wants batch + {dims}")
     if np.dtype(value.dtype) != np.dtype(dtype):
@@ -58,6 +74,7 @@ def example_batch(data_cfg, batch_size: int) -> dict[str, np.ndarray]:
       "F": data_cfg.video_frames, "H_v": data_cfg.video_size[0], "W_v": data_cfg.video_size[1],
       "T": int(round(data_cfg.audio_seconds * data_cfg.sample_rate)), "L": data_cfg.text_len,
       "L_q": data_cfg.question_len, "D": data_cfg.max_digits,
+      **{dim: int(data_cfg.get(field) or 0) for dim, field in OPTIONAL_SIZES.values()},
   }
   return {key: np.zeros((batch_size, *(dims[d] for d in shape)), dtype)
-          for key, (dtype, shape, _) in BATCH_SCHEMA.items()}
+          for key, (dtype, shape, _) in batch_schema(data_cfg).items()}

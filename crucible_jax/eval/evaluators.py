@@ -90,7 +90,8 @@ class RetrievalEvaluator:
 
 
 class VqaEvaluator:
-  """VQA accuracy (exact match = soft accuracy with one reference answer), overall and per question type."""
+  """VQA accuracy, overall and per question type: the official soft accuracy over the human answers where the batch
+  carries `answers` (VQA v2), else exact match with `answer` (= soft accuracy with one reference answer)."""
 
   heads = ("vqa",)
 
@@ -100,7 +101,13 @@ class VqaEvaluator:
   def update(self, outputs, batch):
     real = _real_rows(batch)
     pred = np.argmax(np.asarray(outputs["vqa_logits"]), axis=-1)
-    self._correct.append((pred == np.asarray(batch["answer"]))[real])
+    correct = (pred == np.asarray(batch["answer"])).astype(np.float64)
+    if "answers" in batch:  # vocabulary indices of the human answers, -1 = padding (-2 = outside the vocabulary)
+      for row, humans in enumerate(np.asarray(batch["answers"])):
+        humans = [str(a) for a in humans if a != -1]
+        if humans:
+          correct[row] = metrics.vqa_soft_accuracy([str(pred[row])], [humans])
+    self._correct.append(correct[real])
     self._types.append(np.asarray(batch["question_type"])[real])
 
   def result(self):
@@ -113,7 +120,7 @@ class VqaEvaluator:
 
 
 class TaggingEvaluator:
-  """Multi-label digit tagging: mAP over the 10 digit classes of sigmoid(tag_logits)."""
+  """Multi-label tagging: mAP of sigmoid(tag_logits) over `labels` (when the batch has them) or the 10 digits."""
 
   heads = ("tagging",)
 
@@ -124,9 +131,12 @@ class TaggingEvaluator:
   def update(self, outputs, batch):
     keep = _real_rows(batch) & (_present(outputs, batch, self.modality) if self.modality else True)
     logits = np.asarray(outputs["tag_logits"], np.float64)
-    digits = np.asarray(batch["digits"])
     self._scores.append((1 / (1 + np.exp(-logits)))[keep])
-    self._labels.append(np.any(digits[:, :, None] == np.arange(10), axis=1)[keep])
+    if "labels" in batch:  # multi-hot from the source (AudioSet's 527 classes)
+      self._labels.append((np.asarray(batch["labels"]) > 0.5)[keep])
+    else:  # DigitWorld: which of the 10 digits the sample holds
+      digits = np.asarray(batch["digits"])
+      self._labels.append(np.any(digits[:, :, None] == np.arange(10), axis=1)[keep])
 
   def result(self):
     scores, labels = _join(self._scores), _join(self._labels)
