@@ -1,15 +1,24 @@
-"""Optax chains: warmup+cosine AdamW, per-module-group learning rates, frozen (selective) updates."""
+"""Optax chains: warmup+cosine AdamW, per-module-group learning rates and schedules, frozen and skipped updates.
+
+Selective updates come in two kinds. Frozen by schedule (`stages.X.frozen` regexes): the group's update is zero
+and the step cuts its gradient with stop_gradient (`step.stop_frozen`), so the backward work is never done.
+Skipped by gradient norm (`optim.skip_below[group]`): the gradient is computed, and when the group's norm (after
+global clipping) is below the threshold, neither its params nor its optimizer moments change that step.
+"""
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import flax.traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 FROZEN = "frozen"
 DEFAULT_GROUP = "default"
+DECAYS = ("cosine", "linear", "constant")
+SCHEDULE_FIELDS = ("warmup", "decay", "end_fraction", "delay")
 
 
 def warmup_cosine(peak: float, warmup: int, steps: int, end_fraction: float = 0.05) -> optax.Schedule:
@@ -32,10 +41,74 @@ def param_labels(params: Any, frozen: Sequence[str], groups: Mapping[str, str]) 
   return flax.traverse_util.unflatten_dict(labels, sep="/")
 
 
+def group_schedule(peak: float, stage_warmup: int, stage_steps: int, spec: Mapping[str, Any],
+                   group: str = DEFAULT_GROUP) -> optax.Schedule:
+  """A group's LR schedule over the stage's steps: zero for `delay` steps, warmup, then cosine/linear/constant decay.
+
+  `spec` fields (all optional): warmup (steps, default the stage's), decay ("cosine"), end_fraction (of peak at the
+  stage's end, default 0.05), delay (steps before the group starts learning, default 0).
+  """
+  unknown = sorted(set(spec) - set(SCHEDULE_FIELDS))
+  if unknown:
+    raise ValueError(f"optim.schedules.{group} has unknown fields {unknown}; known: {SCHEDULE_FIELDS}")
+  warmup, delay = int(spec.get("warmup", stage_warmup)), int(spec.get("delay", 0))
+  decay, end_fraction = str(spec.get("decay", "cosine")), float(spec.get("end_fraction", 0.05))
+  if decay not in DECAYS:
+    raise ValueError(f"optim.schedules.{group}.decay={decay!r}; choose from {DECAYS}")
+  if warmup < 0 or delay < 0 or not 0.0 <= end_fraction <= 1.0:
+    raise ValueError(f"optim.schedules.{group}: warmup and delay must be >= 0 steps and end_fraction in [0, 1], "
+                     f"got warmup={warmup}, delay={delay}, end_fraction={end_fraction}")
+  steps = max(stage_steps - delay, 1)
+  if decay == "cosine":
+    base = warmup_cosine(peak, warmup, steps, end_fraction)
+  else:
+    rest = max(steps - warmup, 1)  # linear/constant with warmup 0 start at `peak` on the first step
+    tail = (optax.linear_schedule(peak, peak * end_fraction, rest) if decay == "linear"
+            else optax.constant_schedule(peak))
+    base = tail if warmup == 0 else optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), tail], [warmup])
+  if delay == 0:
+    return base
+  return optax.join_schedules([optax.constant_schedule(0.0), base], [delay])
+
+
+class SkipState(NamedTuple):
+  """Inner optimizer state plus how many updates the gradient-norm criterion skipped."""
+
+  inner: optax.OptState
+  skipped: jax.Array  # int32 count of skipped updates
+
+
+def skip_small_updates(inner: optax.GradientTransformation, threshold: float) -> optax.GradientTransformation:
+  """`inner`, except that a step whose gradient norm is below `threshold` changes neither params nor inner state."""
+
+  def init(params: Any) -> SkipState:
+    return SkipState(inner.init(params), jnp.zeros((), jnp.int32))
+
+  def update(grads: Any, state: SkipState, params: Any = None) -> tuple[Any, SkipState]:
+    skip = optax.tree.norm(grads) < threshold
+    updates, new_inner = inner.update(grads, state.inner, params)
+    updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), updates)
+    new_inner = jax.tree.map(lambda new, old: jnp.where(skip, old, new), new_inner, state.inner)
+    return updates, SkipState(new_inner, state.skipped + skip.astype(jnp.int32))
+
+  return optax.GradientTransformation(init, update)
+
+
+def _check_group_names(optim: ml_collections.ConfigDict, groups: Mapping[str, str]) -> None:
+  """ValueError naming an lr_scale/schedules/skip_below entry whose group is not defined in optim.groups."""
+  known = set(groups) | {DEFAULT_GROUP}
+  for field in ("lr_scale", "schedules", "skip_below"):
+    unknown = sorted(set(optim.get(field, {})) - known)
+    if unknown:
+      raise ValueError(f"optim.{field} names groups {unknown} that optim.groups does not define "
+                       f"(known: {sorted(known)})")
+
+
 def build_optimizer(stage: ml_collections.ConfigDict, optim: ml_collections.ConfigDict,
                     params: Any) -> optax.GradientTransformation:
-  """AdamW per group (lr scaled by `optim.lr_scale[group]`, own warmup/steps), frozen groups set to zero."""
+  """AdamW per group (lr scaled by `optim.lr_scale[group]`, schedule by `optim.schedules[group]`), frozen = zero."""
   groups = dict(optim.get("groups", {}))
+  _check_group_names(optim, groups)
   labels = param_labels(params, tuple(stage.frozen), groups)
   used = set(flax.traverse_util.flatten_dict(labels).values())
   transforms = {}
@@ -44,10 +117,21 @@ def build_optimizer(stage: ml_collections.ConfigDict, optim: ml_collections.Conf
       transforms[group] = optax.set_to_zero()
       continue
     scale = float(optim.get("lr_scale", {}).get(group, 1.0))
-    schedule = warmup_cosine(stage.lr * scale, stage.warmup, stage.steps)
-    transforms[group] = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay,
-                                    mask=_decay_mask)
+    if scale < 0:
+      raise ValueError(f"optim.lr_scale.{group}={scale} must be >= 0")
+    spec = dict(optim.get("schedules", {}).get(group, {}))
+    schedule = group_schedule(stage.lr * scale, int(stage.warmup), int(stage.steps), spec, group)
+    tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=_decay_mask)
+    threshold = float(optim.get("skip_below", {}).get(group, 0.0))
+    transforms[group] = skip_small_updates(tx, threshold) if threshold > 0 else tx
   return optax.chain(optax.clip_by_global_norm(optim.clip_norm), optax.multi_transform(transforms, labels))
+
+
+def skipped_updates(opt_state: Any) -> int:
+  """Total updates skipped by the gradient-norm criterion, summed over groups (0 when it is off)."""
+  found = [int(s.skipped) for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SkipState))
+           if isinstance(s, SkipState)]
+  return sum(found)
 
 
 def _decay_mask(params: Any) -> Any:
