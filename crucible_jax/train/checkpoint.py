@@ -7,7 +7,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-STATE_FIELDS = ("step", "params", "opt_state", "comp_state", "skipped")
+STATE_FIELDS = ("step", "params", "opt_state", "comp_state", "skipped", "loss_scale")
 
 
 class Checkpointer:

@@ -6,6 +6,8 @@ import flax.struct
 import jax
 import optax
 
+from crucible_jax.parallel.precision import DynamicLossScale
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -15,8 +17,9 @@ class TrainState:
   params: Any  # model parameters (unboxed)
   opt_state: optax.OptState  # optimizer state of the current stage
   comp_state: Any  # gradient-compression error feedback (empty dict when uncompressed)
-  skipped: jax.Array  # updates skipped because the loss or a gradient was not finite
+  skipped: jax.Array  # updates skipped because the loss or a gradient was not finite (incl. f16 overflows)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  loss_scale: DynamicLossScale | None = None  # dynamic loss scale of float16 compute; None = no scaling
 
   def apply_gradients(self, grads: Any) -> "TrainState":
     """One optimizer update."""

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from crucible_jax.parallel.precision import DynamicLossScale
 from crucible_jax.train.state import TrainState
 
 Batch = Mapping[str, jax.Array]
@@ -41,25 +42,53 @@ def make_loss_fn(model: nn.Module, objective: Objective, heads: tuple[str, ...],
   return loss_fn
 
 
+def _scaled_value_and_grad(loss_fn: Callable, scaler: DynamicLossScale, params: Any, batch: Batch,
+                           rng: jax.Array) -> tuple[tuple[jax.Array, Metrics], Any]:
+  """((loss, metrics), grads) of `loss_fn`, differentiated as loss × scale so small f16 grads survive, unscaled."""
+
+  def scaled(p: Any, b: Batch, r: jax.Array) -> tuple[jax.Array, tuple[jax.Array, Metrics]]:
+    loss, metrics = loss_fn(p, b, r)
+    return scaler.scale_loss(loss.astype(jnp.float32)), (loss, metrics)
+
+  (_, (loss, metrics)), grads = jax.value_and_grad(scaled, has_aux=True)(params, batch, rng)
+  return (loss, metrics), scaler.unscale(grads)
+
+
 def make_train_step(loss_fn: Callable, *, grad_fn: Callable | None = None
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
   """`train_step(state, batch, rng) -> (state, metrics)`; a non-finite loss or gradient skips the update.
 
   `grad_fn(params, batch, comp_state, rng) -> ((loss, metrics), grads, comp_state)` replaces plain autodiff
-  when gradients are reduced explicitly (compression).
+  when gradients are reduced explicitly (compression). With `state.loss_scale` (float16 compute) the loss is
+  scaled before differentiation; an overflowed step is skipped and halves the scale, `period` good steps in a row
+  double it. Metric `finite` is False only for what the loss scale cannot explain (a non-finite loss, or an
+  overflow at the smallest scale), so `nan_policy='abort'` does not trip on routine f16 overflows.
   """
 
   def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
-    if grad_fn is None:
+    scaler = state.loss_scale
+    if grad_fn is None and scaler is None:
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
       comp_state = state.comp_state
-    else:
+    elif grad_fn is None:
+      (loss, metrics), grads = _scaled_value_and_grad(loss_fn, scaler, state.params, batch, rng)
+      comp_state = state.comp_state
+    elif scaler is None:
       (loss, metrics), grads, comp_state = grad_fn(state.params, batch, state.comp_state, rng)
-    finite = jnp.isfinite(loss) & all_finite(grads)
+    else:
+      raise ValueError("float16 loss scaling with gradient compression is not supported: the compressed "
+                       "reduction differentiates the unscaled loss; use compute bfloat16 or compression 'none'")
+    loss_finite, grads_finite = jnp.isfinite(loss), all_finite(grads)
+    finite = loss_finite & grads_finite
     updated = state.apply_gradients(grads).replace(comp_state=comp_state)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state)
     new_state = new_state.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), finite=finite)
+    if scaler is not None:
+      new_state = new_state.replace(loss_scale=scaler.update(grads_finite))
+      expected_overflow = loss_finite & ~grads_finite & (scaler.scale > scaler.min_scale)
+      metrics.update(finite=finite | expected_overflow, loss_scale=scaler.scale,
+                     overflow=(~grads_finite).astype(jnp.int32))
     return new_state, metrics
 
   return train_step

@@ -1,0 +1,197 @@
+"""`crucible bench comm`: bytes each gradient-compression method puts on the wire per step, and what it costs in loss.
+
+For each method the first stage's train step is compiled on a pure data-parallel mesh over all devices; every
+collective in the compiled HLO is read with its result size and group size, and converted to bytes each device
+sends under the usual ring algorithms (all-reduce 2(n-1)/n × size, all-gather and all-to-all (n-1)/n × result,
+reduce-scatter (n-1) × result, collective-permute 1 × result). `gradient_bytes` is that sum over every collective
+except forward-pass activation traffic (ops traced under `jvp(` but not `transpose(`), reported separately as
+`activation_bytes`. Then the same short DigitWorld run (same data order and seeds) gives each method's loss.
+"""
+
+import dataclasses
+import re
+import time
+from typing import Any, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+
+from crucible_jax.bench.common import device_info
+from crucible_jax.parallel import compression
+from crucible_jax.train.setup import Experiment
+
+_OP = re.compile(r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|"
+                 r"collective-permute)(?P<suffix>-start|-done)?\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([0-9,]*)\]")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]\s*\{(?P<used>[^}]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(?P<groups>\d+),(?P<size>\d+)\]<=")
+_LIST_GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[0-9,]*)\}")
+_OP_NAME = re.compile(r'op_name="(?P<name>[^"]*)"')
+_RING_FACTOR = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
+                "all-to-all": lambda n: (n - 1) / n, "reduce-scatter": lambda n: float(n - 1),
+                "collective-permute": lambda n: 1.0}
+STEPS = 80  # training steps per method (one stage)
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective of a compiled program: kind, result bytes, participants, element types, traced op name."""
+
+  op: str
+  result_bytes: int
+  group_size: int
+  dtypes: tuple[str, ...]
+  op_name: str
+
+  @property
+  def wire_bytes(self) -> float:
+    """Bytes one device sends for it under the ring algorithm."""
+    return self.result_bytes * _RING_FACTOR[self.op](self.group_size) if self.group_size > 1 else 0.0
+
+  @property
+  def is_activation(self) -> bool:
+    """Forward-pass traffic (e.g. a gathered activation), as opposed to gradient / loss reductions."""
+    return "jvp(" in self.op_name and "transpose(" not in self.op_name
+
+
+def _group_size(line: str, num_devices: int) -> int:
+  if match := _MESH_GROUPS.search(line):
+    sizes = dict(re.findall(r"'(\w+)'=(\d+)", match["axes"]))
+    used = re.findall(r"'(\w+)'", match["used"])
+    return int(np.prod([int(sizes[a]) for a in used])) if used else num_devices
+  if match := _IOTA_GROUPS.search(line):
+    return int(match["size"])
+  if match := _LIST_GROUPS.search(line):
+    return len([d for d in match["first"].split(",") if d])
+  return num_devices  # replica_groups={} means every device
+
+
+def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
+  """Every collective of compiled HLO text (async start/done pairs counted once, at -done)."""
+  out, starts = [], {}
+  for line in hlo_text.splitlines():
+    match = _OP.search(line)
+    if match is None:
+      continue
+    name = _OP_NAME.search(line)
+    if match["suffix"] == "-start":  # the -done line carries no replica groups; remember them here
+      starts[line.split("=")[0].strip()] = (_group_size(line, num_devices), name["name"] if name else "")
+      continue
+    group, op_name = _group_size(line, num_devices), name["name"] if name else ""
+    if match["suffix"] == "-done":
+      operand = re.search(r"-done\((%?[\w.\-]+)", line)
+      group, op_name = starts.get(operand[1] if operand else "", (group, op_name))
+    arrays = _ARRAY.findall(match["shape"])
+    size = sum(compression._array_bytes(dtype, dims) for dtype, dims in arrays)
+    out.append(Collective(match["op"], size, group, tuple(sorted({d for d, _ in arrays})), op_name))
+  return out
+
+
+def traffic(hlo_text: str, num_devices: int) -> dict[str, Any]:
+  """Per-step communication of a compiled program: wire bytes per device split into gradient and activation."""
+  ops = parse_collectives(hlo_text, num_devices)
+  by_op: dict[str, float] = {}
+  for c in ops:
+    by_op[c.op] = by_op.get(c.op, 0.0) + c.wire_bytes
+  async_pairs = len(re.findall(r"(?:all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)-start\(",
+                               hlo_text))
+  return {
+      "gradient_bytes": sum(c.wire_bytes for c in ops if not c.is_activation),
+      "activation_bytes": sum(c.wire_bytes for c in ops if c.is_activation),
+      "wire_bytes_by_op": by_op,
+      "result_bytes_by_op": compression.collective_bytes(hlo_text),
+      "gradient_dtypes": sorted({d for c in ops if not c.is_activation and c.result_bytes > 64 for d in c.dtypes}),
+      "num_collectives": len(ops),
+      "async_start_done_pairs": async_pairs,
+  }
+
+
+def method_config(config: ml_collections.ConfigDict, method: str, steps: int) -> ml_collections.ConfigDict:
+  """`config` on a pure data-parallel mesh over all devices, its first stage only, with compression `method`."""
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.mesh.update(data=-1, fsdp=1, tensor=1)
+    cfg.sharding.layout = "dp"
+    cfg.compression.method = method
+    first = cfg.stage_order[0]
+    cfg.stage_order = (first,)
+    cfg.stages[first].steps = max(steps, 1)
+    cfg.stages[first].warmup = min(cfg.stages[first].warmup, max(steps, 1))
+  return cfg
+
+
+def compile_method(config: ml_collections.ConfigDict, method: str, steps: int = STEPS) -> dict[str, Any]:
+  """Experiment, initial state, compiled step and HLO traffic of one compression method."""
+  experiment = Experiment(method_config(config, method, steps))
+  plan = experiment.plans[0]
+  tx, *_ = experiment.stage_parts(plan)
+  abstract, make, shardings = experiment.state_layout(tx)
+  step = experiment.train_step(plan, shardings)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=experiment.batch_sharding)
+           for k, v in experiment.example_batch().items()}
+  start = time.perf_counter()
+  with jax.set_mesh(experiment.mesh):
+    compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
+  return {"experiment": experiment, "make": make, "shardings": shardings, "compiled": compiled,
+          "compile_s": time.perf_counter() - start,
+          "traffic": traffic(compiled.as_text(), experiment.mesh.devices.size)}
+
+
+def train_losses(parts: dict[str, Any], steps: int) -> list[float]:
+  """Loss of every step of a short run of the compiled step on DigitWorld (fixed data order and seeds)."""
+  from crucible_jax.data import pipeline as data_lib  # deferred: the data stack is only needed to train
+  experiment, config = parts["experiment"], parts["experiment"].config
+  state = experiment.new_state(parts["make"], parts["shardings"],
+                               experiment.init_params(jax.random.key(config.seed)))
+  iterator = data_lib.make_train_iterator(config.data, global_batch=config.batch_size, seed=config.seed)
+  rng, losses = jax.random.key(config.seed), []
+  with jax.set_mesh(experiment.mesh):
+    for i in range(steps):
+      batch = data_lib.to_global_batch(next(iterator), experiment.batch_sharding)
+      state, metrics = parts["compiled"](state, batch, jax.random.fold_in(rng, i))
+      losses.append(metrics["loss"])
+  return [float(x) for x in jax.device_get(losses)]
+
+
+def run(config: ml_collections.ConfigDict, *, methods: Iterable[str] = compression.METHODS,
+        steps: int = STEPS) -> dict[str, Any]:
+  """Bytes on the wire and final loss of each method, with ratios against uncompressed float32 ('none')."""
+  if jax.device_count() < 2:
+    raise ValueError("bench comm needs several devices to communicate; on CPU run it with "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  report: dict[str, Any] = {"methods": {}}
+  for method in methods:
+    parts = compile_method(config, method, steps)
+    entry = {**parts["traffic"], "compile_s": parts["compile_s"]}
+    if steps > 0:
+      start = time.perf_counter()
+      losses = train_losses(parts, steps)
+      tail = losses[-10:]
+      entry.update(final_loss=float(np.mean(tail)), last_loss=losses[-1], first_loss=losses[0],
+                   loss_every_10=losses[::10], train_s=time.perf_counter() - start)
+    report["methods"][method] = entry
+    report.setdefault("mesh_info", device_info(parts["experiment"].mesh))
+    report.setdefault("param_bytes_f32", 4 * sum(int(np.prod(x.shape))
+                                                 for x in jax.tree.leaves(parts["experiment"].abstract_params)))
+  n = report["mesh_info"]["num_devices"]
+  full_f32 = 2 * (n - 1) / n * report["param_bytes_f32"]  # a float32 ring all-reduce of every param's gradient
+  base = report["methods"].get("none")
+  for entry in report["methods"].values():
+    entry["bytes_ratio_vs_f32_all_params"] = full_f32 / max(entry["gradient_bytes"], 1.0)
+  if base:
+    for entry in report["methods"].values():
+      entry["bytes_ratio_vs_none"] = base["gradient_bytes"] / max(entry["gradient_bytes"], 1.0)
+      if "final_loss" in entry:
+        entry["loss_rel_diff_vs_none"] = (entry["final_loss"] - base["final_loss"]) / abs(base["final_loss"])
+  report.update(report.pop("mesh_info"))
+  report.update(steps=steps, stage=config.stage_order[0], batch_size=config.batch_size, notes=[
+      "gradient_bytes: bytes one device sends per step (ring model) for every collective except forward-pass "
+      "activation traffic (activation_bytes); read from the compiled HLO",
+      "bytes_ratio_vs_none compares compiled programs: GSPMD ('none') reduces only the gradients the stage's "
+      "objective produces, the compressed methods reduce one bucket of all params; bytes_ratio_vs_f32_all_params "
+      "compares with a float32 ring all-reduce of every param's gradient",
+      "final_loss: mean of the last 10 step losses; every method sees the same batches and seeds",
+      "on CPU, XLA may upcast a bfloat16 all-reduce to float32: see gradient_dtypes of 'bf16'",
+  ])
+  return report

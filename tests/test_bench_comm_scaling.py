@@ -1,0 +1,69 @@
+"""Communication and memory figures of `crucible bench comm|scaling` on small configs (compiled, never timed)."""
+
+import pathlib
+
+import jax
+import pytest
+
+from crucible_jax.bench import comm, scaling
+from crucible_jax.config import load_experiment
+
+DIGIT_WORLD = str(pathlib.Path(__file__).parent.parent / "experiments" / "digit_world.py")
+IMAGE_ONLY = ["--config.model.modalities=('image',)", "--config.stages.unimodal.objective={'pretrain/image': 1.0}",
+              "--config.evals={}", "--config.stage_order=('unimodal',)"]
+
+HLO = """
+  %ar = f32[1000]{0} all-reduce(%a), channel_id=1, replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, metadata={op_name="jit(f)/transpose(jvp(M))/dot"}
+  %ag = s8[64,8]{1,0} all-gather(%b), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, metadata={op_name="jit(f)/shard_map/all_gather"}
+  %x = (f32[4,10]{1,0}, f32[4,10]{1,0}) all-to-all(%c, %d), replica_groups=[4,2]<=[8], metadata={op_name="jit(f)/jvp(M)/fft"}
+  %s = f32[16]{0} all-gather-start(%e), replica_groups=[1,8]<=[8], metadata={op_name="jit(f)/jvp(M)/gather"}
+  %d2 = f32[16]{0} all-gather-done(%s)
+"""
+
+
+def test_parse_collectives_reads_sizes_groups_and_async_pairs():
+  ops = comm.parse_collectives(HLO, num_devices=8)
+  assert [(c.op, c.result_bytes, c.group_size) for c in ops] == [
+      ("all-reduce", 4000, 4), ("all-gather", 512, 8), ("all-to-all", 320, 2), ("all-gather", 64, 8)]
+  assert [c.is_activation for c in ops] == [False, False, True, True]
+  t = comm.traffic(HLO, num_devices=8)
+  assert t["gradient_bytes"] == pytest.approx(2 * 3 / 4 * 4000 + 7 / 8 * 512)
+  assert t["activation_bytes"] == pytest.approx(1 / 2 * 320 + 7 / 8 * 64)
+  assert t["async_start_done_pairs"] == 1
+
+
+@pytest.fixture(scope="module")
+def comm_report():
+  return comm.run(load_experiment(f"{DIGIT_WORLD}:tiny", IMAGE_ONLY), methods=("none", "int8"), steps=0)
+
+
+def test_int8_sends_at_least_3_5x_fewer_gradient_bytes(comm_report):
+  none, int8 = comm_report["methods"]["none"], comm_report["methods"]["int8"]
+  assert "s8" in int8["gradient_dtypes"] and none["gradient_dtypes"] == ["f32"]
+  assert none["gradient_bytes"] > 0.5 * 7 / 4 * comm_report["param_bytes_f32"]  # an f32 ring all-reduce
+  assert int8["bytes_ratio_vs_f32_all_params"] >= 3.5
+  assert int8["bytes_ratio_vs_none"] > 2.0  # GSPMD skips the grads the stage never produces; int8 sends them
+  assert comm_report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+def test_fsdp_shards_params_and_optimizer_state_over_8_devices():
+  config = load_experiment(f"{DIGIT_WORLD}:tiny", IMAGE_ONLY + ["--config.model.image.width=64",
+                                                                "--config.model.image.mlp=256"])
+  _, replicated, _ = scaling.layout_setup(config, "dp", 1)
+  full = scaling.state_bytes(replicated)
+  measured = scaling.measure(config, "fsdp", 8)
+  fraction = (measured["params_bytes"] + measured["opt_state_bytes"]) / (full["params_bytes"] + full["opt_state_bytes"])
+  assert fraction <= 1 / 8 + 0.1, fraction
+  assert measured["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  # The compiled program's arguments (state + batch shard) are per device too, not the replicated state.
+  assert measured["memory_analysis"]["argument"] < 0.5 * (full["params_bytes"] + full["opt_state_bytes"])
+  assert measured["comm"]["wire_bytes_by_op"].get("all-gather", 0) > 0  # params are gathered for compute
+
+
+def test_projection_is_labelled_and_degrades_with_slower_links():
+  p = scaling.project(num_params=100_000_000, flops_per_step=6 * 100_000_000 * 64 * 256)
+  slow, fast = p["by_inter_node_bandwidth"]["25GB/s"], p["by_inter_node_bandwidth"]["50GB/s"]
+  assert slow["8"] == fast["8"]  # one node: NVLink only
+  assert slow["32"]["efficiency_no_overlap"] < fast["32"]["efficiency_no_overlap"] < fast["8"]["efficiency_no_overlap"]
+  assert all(0 < r["efficiency_no_overlap"] <= r["efficiency_full_overlap"] <= 1 for r in slow.values())
+  assert slow["16"]["claimed"] == 0.89
