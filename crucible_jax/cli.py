@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args, config) -> int:
-  from crucible_jax.parallel.distributed import initialize_distributed
+  from crucible_jax.parallel.distributed import apply_xla_flags, initialize_distributed, overlap_xla_flags
+  xla = config.get("xla", None)
+  if xla is not None and xla.get("overlap_comm", False):  # before the backend starts, or it is ignored
+    apply_xla_flags(overlap_xla_flags(True))
   try:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   except ValueError as e:
@@ -69,6 +72,9 @@ def _train(args, config) -> int:
   trainer = Trainer(config, args.workdir)
   try:
     trainer.run()
+  except FileNotFoundError as e:  # a benchmark's data directory (or a file in it) is missing
+    print(f"crucible: error: {e}", file=sys.stderr)
+    return 1
   except Preempted as e:
     print(f"crucible: {e}", file=sys.stderr)
     return 0

@@ -35,7 +35,10 @@ def load_experiment(spec: str, overrides: Iterable[str] = ()) -> ml_collections.
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config(arg)")
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except ValueError as e:  # e.g. an unknown variant after ':'
+    raise ConfigError(f"{path}:{arg}: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(config)}")
   for item in overrides:

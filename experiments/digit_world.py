@@ -1,16 +1,18 @@
 """DigitWorld, all four modalities, three stages: the default experiment.
 
 `--config experiments/digit_world.py[:VARIANTS]`, VARIANTS a comma list of: tiny (the seconds-long test run),
-corrupted / imbalanced (data variants), single_stage (the ablation), no_cross_attention (the ablation).
+corrupted / imbalanced (data variants), single_stage (the ablation), no_cross_attention (the ablation),
+routed (the dynamic modality router on, every modality at 60% of the batch, routing losses in every stage).
 """
 
 import ml_collections
 
 from crucible_jax.data.pipeline import default_data_config
 from crucible_jax.models import default_model_config
+from crucible_jax.train.curriculum import default_curriculum_config
 from crucible_jax.train.stages import as_single_stage
 
-VARIANTS = ("tiny", "corrupted", "imbalanced", "single_stage", "no_cross_attention")
+VARIANTS = ("tiny", "corrupted", "imbalanced", "single_stage", "no_cross_attention", "routed")
 PAIRS = (("image", "text"), ("text", "image"), ("audio", "image"), ("image", "audio"), ("video", "text"),
          ("text", "video"), ("audio", "text"))
 
@@ -23,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown digit_world variant(s) {unknown}; known: {VARIANTS}")
   c = ml_collections.ConfigDict()
   c.seed = 0  # seeds params, dropout/routing noise and the data order
-  c.batch_size = 64  # global batch, examples per step
+  c.batch_size = 32  # global batch, examples per step (sized so the default run fits 10 min on 2 CPU cores)
   c.eval_batch_size = 256  # examples per eval step
   c.data = default_data_config()
   c.model = default_model_config()
@@ -37,18 +39,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss_kind = "clip"  # contrastive loss: clip (softmax InfoNCE) | siglip (sigmoid)
   c.nan_policy = "skip"  # non-finite loss/grad: skip the update (counted) | abort
   c.optim = dict(b1=0.9, b2=0.98, weight_decay=1e-4, clip_norm=1.0,  # AdamW moments, decay, global-norm clip
-                 groups={}, lr_scale={})  # param-path regex per group; LR multiplier per group
+                 groups={}, lr_scale={},  # param-path regex per group; LR multiplier per group
+                 schedules={}, skip_below={})  # per-group schedule overrides; per-group grad-norm skip threshold
+  c.curriculum = default_curriculum_config()  # sample weighting by difficulty (off by default)
+  c.loss_scale = dict(initial_scale=2.0**15, period=2000)  # float16 dynamic loss scaling (unused otherwise)
+  c.xla = dict(overlap_comm=False)  # GPU: latency-hiding scheduler + collective combining flags
   c.log_every = 50  # steps between metric rows / progress lines
   c.checkpoint = dict(every=500, keep=2, async_save=True)  # steps between saves; checkpoints kept; async writes
-  encoders = r"_encoder|Encoder"
+  encoders = r"^(encoders|pools)_"  # param paths of the encoders and their order-aware read-outs
   c.stage_order = ("unimodal", "align", "joint")
   c.stages = dict(
-      unimodal=dict(steps=600, lr=2e-3, warmup=60, frozen=(), carry=(),  # steps, peak LR, warmup steps
+      unimodal=dict(steps=300, lr=2e-3, warmup=30, frozen=(), carry=(),  # steps, peak LR, warmup steps
                     objective={f"pretrain/{m}": 1.0 for m in ("image", "text", "audio", "video")}),
-      align=dict(steps=400, lr=1e-3, warmup=40, frozen=(), carry=(encoders,),
+      align=dict(steps=250, lr=1e-3, warmup=25, frozen=(), carry=(encoders,),
                  objective={"contrastive/image-text": 1.0, "contrastive/audio-image": 1.0,
                             "contrastive/video-text": 1.0, "contrastive/audio-text": 0.5}),
-      joint=dict(steps=600, lr=1e-3, warmup=60, frozen=(), carry=(".*",),
+      joint=dict(steps=350, lr=1e-3, warmup=35, frozen=(), carry=(".*",),
                  objective={"vqa": 1.0, "tagging": 1.0, "asr": 1.0, "fused": 1.0,
                             "contrastive/image-text": 0.5, "contrastive/audio-image": 0.5,
                             "contrastive/video-text": 0.5}),
@@ -63,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.variant = "imbalanced"
   if "no_cross_attention" in variants:
     c.model.fusion.cross_attention = False
+  if "routed" in variants:
+    _make_routed(c)
   if "single_stage" in variants:
     as_single_stage(c)
   return c
@@ -80,3 +88,17 @@ def _make_tiny(c: ml_collections.ConfigDict) -> None:
   c.checkpoint.every = 20
   for name, steps in (("unimodal", 30), ("align", 30), ("joint", 30)):
     c.stages[name].update(steps=steps, warmup=5)
+
+
+def _make_routed(c: ml_collections.ConfigDict, fraction: float = 0.6) -> None:
+  """Router on: each encoder sees `fraction` of the batch; budget/balance losses join every stage's objective."""
+  c.model.routing.enabled = True
+  c.model.routing.budget.update({m: fraction for m in c.model.modalities})
+  for name in c.stage_order:
+    c.stages[name].objective.update({"routing/budget": 1.0, "routing/balance": 0.1})  # loss weights
+  c.routing_bench = dict(  # `crucible bench routing` knobs (see crucible_jax/bench/routing.py)
+      budgets=(1.0, 0.75, 0.5, 0.35),  # per-modality batch fractions measured against routing off
+      variants=("clean", "corrupted"),  # DigitWorld variants, one trained run each
+      split="test", timing_iters=5,  # evaluated split; timed forward calls (best of)
+      tolerance=0.01,  # largest joint-metric drop (fraction) still counted as "within 1 point"
+      workdir="/tmp/crucible_bench_routing")  # trained runs (reused when present), JSON copy, usage PNG

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -209,14 +210,15 @@ def test_missing_directory_names_path_and_layout(name, tmp_path):
     pipeline.make_train_iterator(config.data, global_batch=8, seed=0, process_index=0, process_count=1)
 
 
-def test_cli_train_fails_fast_on_missing_data(tmp_path, monkeypatch):
+def test_cli_train_fails_fast_on_missing_data(tmp_path, monkeypatch, capsys):
   def no_compiling(*args, **kwargs):
     raise AssertionError("compiled before checking the data")
   monkeypatch.setattr(Experiment, "init_params", no_compiling)
   monkeypatch.setattr(Experiment, "train_step", no_compiling)
-  with pytest.raises(FileNotFoundError, match=r"(?s)nowhere.*annotations/captions_\{split\}\.json"):
-    cli.main(["train", "--config", f"{EXPERIMENTS / 'coco_retrieval'}.py:tiny", "--workdir", str(tmp_path / "w"),
-              f"--config.data.root={tmp_path / 'nowhere'}"])
+  status = cli.main(["train", "--config", f"{EXPERIMENTS / 'coco_retrieval'}.py:tiny", "--workdir", str(tmp_path / "w"),
+                     f"--config.data.root={tmp_path / 'nowhere'}"])
+  assert status == 1
+  assert re.search(r"(?s)nowhere.*annotations/captions_\{split\}\.json", capsys.readouterr().err)
 
 
 def test_vqa_soft_accuracy_and_tagging_labels():

@@ -16,7 +16,8 @@ DIGIT_WORLD = str(pathlib.Path(__file__).parent.parent / "experiments" / "digit_
 def _variants(path: pathlib.Path) -> list[str]:
   module_text = path.read_text()
   if path.stem == "digit_world":
-    return ["", ":tiny", ":corrupted", ":imbalanced", ":single_stage", ":no_cross_attention", ":tiny,corrupted"]
+    return ["", ":tiny", ":corrupted", ":imbalanced", ":single_stage", ":no_cross_attention", ":tiny,corrupted",
+            ":routed"]
   if path.stem == "clip_bench":
     return ["", ":vit_b16"]
   return [""] if "VARIANTS" not in module_text else [""]

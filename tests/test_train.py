@@ -1,7 +1,6 @@
 """The trainer end to end on DigitWorld :tiny — learning, resume exactness, restore on another mesh, NaN policy."""
 
 import json
-import os
 import pathlib
 import signal
 
@@ -26,11 +25,11 @@ def _leaves(tree):
 
 
 def _run(workdir, overrides=(), *, stop_at=None, mesh=None):
-  """Run a trainer; with `stop_at`, deliver a real SIGTERM to this process after that global step."""
+  """Run a trainer; with `stop_at`, the SIGTERM handler is invoked after that global step (as the signal would)."""
   config = load_experiment(f"{DIGIT_WORLD}:tiny", list(SHORT) + list(overrides))
   trainer = Trainer(config, workdir, mesh=mesh)
   if stop_at is not None:
-    trainer.add_hook(lambda info: os.kill(os.getpid(), signal.SIGTERM) if info.global_step == stop_at else None,
+    trainer.add_hook(lambda info: trainer._request_stop(signal.SIGTERM, None) if info.global_step == stop_at else None,
                      every=1)
   try:
     results = trainer.run()
@@ -92,6 +91,30 @@ def test_stage_handoff_carries_only_matching_paths():
   np.testing.assert_array_equal(out["image_encoder"]["w"], 1)
   np.testing.assert_array_equal(out["vqa_head"]["w"], 0)
   assert "new" in out
+
+
+def test_carry_pattern_that_matches_no_param_is_rejected(tmp_path):
+  config = load_experiment(f"{DIGIT_WORLD}:tiny", SHORT + ["--config.stages.align.carry=('^no_such_module',)"])
+  with pytest.raises(ValueError, match="stages.align.carry"):
+    Trainer(config, tmp_path)
+
+
+def test_align_handoff_carries_the_real_encoders_and_refreshes_the_rest(uninterrupted):
+  _, trainer, _ = uninterrupted
+  experiment = trainer.experiment
+  previous = experiment.init_params(jax.random.key(1))
+  fresh = experiment.init_params(jax.random.key(2))
+  plan = next(p for p in experiment.plans if p.name == "align")
+  out = stages.handoff(previous, fresh, tuple(plan.cfg.carry))
+  import flax.traverse_util
+  flat = {k: flax.traverse_util.flatten_dict(t, sep="/") for k, t in (("out", out), ("prev", previous), ("new", fresh))}
+  encoder_paths = [p for p in flat["out"] if p.startswith("encoders_")]
+  head_paths = [p for p in flat["out"] if p.startswith("projections_")]
+  assert encoder_paths and head_paths
+  for path in encoder_paths:
+    np.testing.assert_array_equal(flat["out"][path], flat["prev"][path])
+  for path in head_paths:
+    np.testing.assert_array_equal(flat["out"][path], flat["new"][path])
 
 
 @pytest.mark.parametrize("policy", ["skip", "abort"])

@@ -7,7 +7,7 @@ Rendering happens here, per element, deterministically from (record, seed, epoch
 import functools
 import logging
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
 import jax
@@ -24,7 +24,7 @@ _DATA_OF = {IMAGE: ("image",), VIDEO: ("video",), AUDIO: ("audio", "audio_len"),
 def default_data_config() -> ml_collections.ConfigDict:
   """DigitWorld's data config; experiments import it and override fields."""
   cfg = ml_collections.ConfigDict()
-  cfg.name = "digit_world"  # dataset name (only DigitWorld is built by this pipeline)
+  cfg.name = "digit_world"  # dataset name; other names are real benchmarks (data/benchmarks.py)
   cfg.data_dir = config_dict.placeholder(str)  # dataset root; None → $CRUCIBLE_DATA_DIR or ~/.cache/crucible_jax
   cfg.train_size = 20000  # samples in the train split
   cfg.val_size = 2000  # samples in the val split
@@ -153,22 +153,41 @@ def _read_options(data_cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=2, prefetch_buffer_size=int(data_cfg.prefetch_buffer))
 
 
+def _at_step(index: int, sample: dict[str, np.ndarray], *, hook: Callable, local_batch: int) -> dict[str, np.ndarray]:
+  """Call `hook(step, sample)` with the train step this element lands in (one batch per step)."""
+  return hook(index // local_batch, sample)
+
+
 def make_train_iterator(
     data_cfg: ml_collections.ConfigDict, *, global_batch: int, seed: int, process_index: int | None = None,
-    process_count: int | None = None,
+    process_count: int | None = None, sample_hook: Callable[[int, dict], dict] | None = None,
 ) -> grain.DatasetIterator:
-  """Endless iterator of this process's numpy batches (global_batch / process_count samples each)."""
+  """Endless iterator of this process's numpy batches (global_batch / process_count samples each).
+
+  `sample_hook(step, sample) -> sample` (e.g. a curriculum's weights) must be a pure, picklable function of its
+  arguments: then the iterator state alone resumes it exactly.
+  A `data_cfg.name` other than "digit_world" reads that benchmark's local files (data/benchmarks.py).
+  """
+  if data_cfg.name != "digit_world":
+    from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return benchmarks.make_train_iterator(data_cfg, global_batch=global_batch, seed=seed, process_index=process_index,
+                                          process_count=process_count, sample_hook=sample_hook)
   validate_data_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(global_batch, process_count)
   dataset = train_recipes(data_cfg, seed=seed, process_index=process_index, process_count=process_count)
   dataset = dataset.map(functools.partial(_render_train, data_cfg=data_cfg, seed=seed))
+  if sample_hook is not None:
+    dataset = dataset.map_with_index(functools.partial(_at_step, hook=sample_hook, local_batch=local_batch))
   dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
   return iter(_maybe_mp_prefetch(dataset, data_cfg))
 
 
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   """Real samples in `split`: what eval metrics divide by (padding has weight 0)."""
+  if data_cfg.name != "digit_world":
+    from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+    return benchmarks.num_examples(data_cfg, split)
   return len(builder.digit_world_source(data_cfg, split))
 
 
@@ -191,7 +210,12 @@ def make_eval_batches(
   The last batch is filled with padding samples: zeros, weight 0, every `<m>_present` False, digits -1. Metrics
   ignore them by masking with `weight > 0`; `num_examples(data_cfg, split)` is the count of real samples.
   Rendering uses (data_cfg.seed, epoch 0): the same augmentations on every call.
+  A `data_cfg.name` other than "digit_world" reads that benchmark's local files (data/benchmarks.py).
   """
+  if data_cfg.name != "digit_world":
+    from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+    return benchmarks.make_eval_batches(data_cfg, split, batch_size=batch_size, process_index=process_index,
+                                        process_count=process_count)
   validate_data_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(batch_size, process_count)

@@ -5,17 +5,20 @@ import math
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 from jaxtyping import Array, Float
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
+from crucible_jax.models import balance as balance_lib
 from crucible_jax.models import encoders as enc
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock
 from crucible_jax.models.fusion import AdaptiveFusion
-from crucible_jax.models.heads import ClassifierHead, JointProjection, masked_mean_pool
+from crucible_jax.models.heads import ClassifierHead, JointProjection, QueryPool, masked_mean_pool
 from crucible_jax.models.layers import Dtype, logical
 from crucible_jax.models.melspec import num_frames
+from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode, routing_spec
 
 ALL_HEADS: tuple[str, ...] = ("embed", "pretrain", "vqa", "tagging", "asr", "fused")
 HEAD_MODALITIES: dict[str, tuple[str, ...]] = {"vqa": (IMAGE, TEXT), "tagging": (AUDIO,), "asr": (AUDIO,)}
@@ -62,6 +65,8 @@ class ModelConfig:
   num_tags: int  # audio tagging labels
   dtype: Dtype  # compute dtype of the heads
   param_dtype: Dtype
+  routing: RoutingSpec | None = None  # dynamic modality routing; None = every present modality is encoded
+  balance: balance_lib.BalanceSpec = balance_lib.BalanceSpec()  # gradient balancing before fusion (OGM-GE)
 
   def tower(self, modality: str) -> TowerSpec:
     """The encoder spec of an active modality."""
@@ -85,7 +90,9 @@ class CrucibleModel(nn.Module):
     head_kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     self.encoders = {m: self._make_encoder(m) for m in c.modalities}
     self.projections = {m: JointProjection(c.joint_dim, **head_kw) for m in c.modalities}
-    self.pretrain_heads = {m: ClassifierHead(c.max_digits * DIGIT_CLASSES, **head_kw) for m in c.modalities}
+    # One slot per digit position plus a summary slot: order-aware read-out of each modality's tokens.
+    self.pools = {m: QueryPool(c.max_digits + 1, c.tower(m).heads, **head_kw) for m in c.modalities}
+    self.pretrain_heads = {m: ClassifierHead(DIGIT_CLASSES, **head_kw) for m in c.modalities}
     self.logit_scale = self.param("logit_scale", logical(nn.initializers.constant(math.log(10.0)), ()), (), jnp.float32)
     self.logit_bias = self.param("logit_bias", logical(nn.initializers.constant(-10.0), ()), (), jnp.float32)
     if "vqa" in self.available_heads and c.fusion.cross_attention:
@@ -104,6 +111,8 @@ class CrucibleModel(nn.Module):
       self.ctc_head = ClassifierHead(DIGIT_CLASSES, **head_kw)
     self.fusion = AdaptiveFusion(c.modalities, dtype=c.fusion.dtype, param_dtype=c.param_dtype)
     self.fused_head = ClassifierHead(c.max_digits * DIGIT_CLASSES, **head_kw)
+    if c.routing is not None:
+      self.router = c.routing.router()
 
   @property
   def available_heads(self) -> tuple[str, ...]:
@@ -127,18 +136,25 @@ class CrucibleModel(nn.Module):
     return enc.TextEncoder(vocab_size=vocab_size, max_len=max_len, **kw)
 
   def encode(
-      self, batch: Mapping[str, Array], train: bool = False, modalities: tuple[str, ...] | None = None
+      self, batch: Mapping[str, Array], train: bool = False, modalities: tuple[str, ...] | None = None,
+      plan: RoutePlan | None = None,
   ) -> dict[str, enc.Encoded]:
-    """(tokens, token_mask) per modality (default: all active); the seam the modality router wraps."""
-    del train  # no stochastic layers yet; kept so routing and dropout can use it
+    """(tokens, token_mask) per modality (default: all active); the seam the modality router wraps.
+
+    With routing on, each encoder runs on its modality's static capacity only (`plan`, else the router is run
+    here) and skipped samples come back fully masked.
+    """
+    if plan is None and self.config.routing is not None:
+      plan, _ = self.router(batch, train=train)
     encoded = {}
     for m in self.config.modalities if modalities is None else modalities:
       if m not in self.encoders:
         raise ValueError(f"modality {m!r} is not active; cfg.modalities = {self.config.modalities}")
       if m == AUDIO:
-        encoded[m] = self.encoders[m](_require(batch, AUDIO), _require(batch, "audio_len"))
+        inputs, encode_fn = (_require(batch, AUDIO), _require(batch, "audio_len")), lambda x: self.encoders[AUDIO](*x)
       else:
-        encoded[m] = self.encoders[m](_require(batch, m))
+        inputs, encode_fn = _require(batch, m), self.encoders[m]
+      encoded[m] = encode_fn(inputs) if plan is None else routed_encode(encode_fn, inputs, plan[m])
     return encoded
 
   def answer(self, batch: Mapping[str, Array], image: enc.Encoded) -> Float[Array, "b a"]:
@@ -148,7 +164,8 @@ class CrucibleModel(nn.Module):
     if self.config.fusion.cross_attention:
       for block in self.vqa_blocks:
         question, tokens = block(question, question_mask, tokens, mask)
-    pooled = [masked_mean_pool(question, question_mask), masked_mean_pool(tokens, mask)]
+    image_slots = self.pools[IMAGE](tokens, mask)
+    pooled = [masked_mean_pool(question, question_mask), image_slots.reshape(image_slots.shape[0], -1)]
     return self.vqa_head(jnp.concatenate([p.astype(self.config.dtype) for p in pooled], axis=-1))
 
   def __call__(
@@ -161,20 +178,27 @@ class CrucibleModel(nn.Module):
     c = self.config
     heads = tuple(h for h in heads if h in self.available_heads)
     needed = set().union(*(HEAD_INPUTS.get(h, c.modalities) for h in heads))
-    encoded = self.encode(batch, train, tuple(m for m in c.modalities if m in needed))
-    pooled = {m: masked_mean_pool(*encoded[m]) for m in encoded}
+    routing = self.router(batch, train=train) if c.routing is not None else None  # (plan, aux)
+    plan = None if routing is None else routing[0]
+    encoded = self.encode(batch, train, tuple(m for m in c.modalities if m in needed), plan)
     batch_size = len(_require(batch, c.modalities[0]))
+    slots = {m: self.pools[m](*encoded[m]) for m in encoded}
+    pooled = {m: x.reshape(batch_size, -1) for m, x in slots.items()}
     present = {
         m: jnp.asarray(batch[present_key(m)], bool) if present_key(m) in batch else jnp.ones((batch_size,), bool)
         for m in c.modalities
     }
-    out: dict[str, Any] = {"present": present}
+    out: dict[str, Any] = {}
+    if routing is not None:  # a skipped modality is absent downstream: fusion, losses and evaluators ignore it
+      present = {m: present[m] & routing[0].selected[m] for m in c.modalities}
+      out["routing_aux"] = routing[1]
+    out["present"] = present
     digits_shape = (-1, c.max_digits, DIGIT_CLASSES)
     if "embed" in heads:
       out["embeddings"] = {m: self.projections[m](pooled[m]) for m in c.modalities}
       out["logit_scale"], out["logit_bias"] = self.logit_scale, self.logit_bias
     if "pretrain" in heads:
-      out["pretrain_logits"] = {m: self.pretrain_heads[m](pooled[m]).reshape(digits_shape) for m in c.modalities}
+      out["pretrain_logits"] = {m: self.pretrain_heads[m](slots[m][:, : c.max_digits]) for m in c.modalities}
     if "vqa" in heads:
       out["vqa_logits"] = self.answer(batch, encoded[IMAGE])
     if "tagging" in heads:
@@ -183,9 +207,31 @@ class CrucibleModel(nn.Module):
       out["ctc_logits"] = self.ctc_head(encoded[AUDIO][0])
       out["ctc_mask"] = encoded[AUDIO][1]
     if "fused" in heads:
-      fused, out["fusion_weights"] = self.fusion(pooled, present)
+      features = pooled
+      if train and c.balance.method == "ogm_ge":
+        features, out["balance_coeffs"] = self._ogm_ge(batch, pooled, present)
+      fused, out["fusion_weights"] = self.fusion(features, present)
       out["fused_logits"] = self.fused_head(fused).reshape(digits_shape)
     return out
+
+
+  def _ogm_ge(self, batch: Mapping[str, Array], pooled: dict[str, Array], present: dict[str, Array]
+              ) -> tuple[dict[str, Array], dict[str, Array]]:
+    """OGM-GE on the pooled features: confidence of the fused head seeing each modality alone (no gradient)."""
+    c = self.config
+    digits, num_digits = _require(batch, "digits"), _require(batch, "num_digits")
+    targets = jnp.where(jnp.arange(c.max_digits)[None, :] < num_digits[:, None], digits, DIGIT_CLASSES - 1)
+    weight = jnp.asarray(batch["weight"], jnp.float32) if "weight" in batch else jnp.ones(targets.shape[:1])
+    frozen = {m: jax.lax.stop_gradient(x) for m, x in pooled.items()}
+    confidence = {}
+    for m in pooled:
+      alone = {j: present[j] if j == m else jnp.zeros_like(present[j]) for j in present}
+      logits = self.fused_head(self.fusion(frozen, alone)[0]).reshape(-1, c.max_digits, DIGIT_CLASSES)
+      confidence[m] = balance_lib.true_class_confidence(logits, targets)
+    coeffs = balance_lib.ogm_coefficients(balance_lib.modality_scores(confidence, present, weight), c.balance.alpha)
+    if not self.has_rng("dropout"):
+      raise ValueError("model.balance.method='ogm_ge' needs a 'dropout' rng in training (Gaussian-enhancement noise)")
+    return balance_lib.apply_ogm_ge(pooled, coeffs, c.balance, self.make_rng("dropout")), coeffs
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -233,6 +279,15 @@ def default_model_config() -> ml_collections.ConfigDict:
   heads.max_digits = 4  # longest digit string (positions predicted by pretrain/fused heads)
   heads.num_answers = 48  # closed VQA answer vocabulary
   heads.num_tags = 10  # audio tagging labels (which digits are spoken)
+
+  cfg.routing = routing = ml_collections.ConfigDict()
+  routing.enabled = False  # dynamic modality router: encode each modality only on its budgeted share of the batch
+  routing.budget = dict(image=1.0, text=1.0, audio=1.0, video=1.0)  # fraction of the batch encoded per modality
+  routing.temperature = 1.0  # softness of the straight-through sigmoid gate (score units)
+  routing.min_modalities = 1  # modalities every sample keeps, capacity allowing (count)
+  routing.groups = 1  # batch blocks routed independently (count); Experiment sets it to the data-shard count
+
+  cfg.balance = balance_lib.default_balance_config()  # modality-imbalance gradient balancing (OGM-GE), off by default
   return cfg
 
 
@@ -317,6 +372,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
       audio_frontend=frontend, text_vocab=text_vocab, fusion=fusion, joint_dim=_positive(cfg, "joint_dim"),
       max_digits=_positive(cfg, "heads.max_digits"), num_answers=_positive(cfg, "heads.num_answers"),
       num_tags=_positive(cfg, "heads.num_tags"), dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),
+      routing=routing_spec(cfg.get("routing"), modalities), balance=balance_lib.balance_spec(cfg.get("balance")),
   ))
 
 

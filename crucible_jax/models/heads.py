@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from crucible_jax.common_types import CLASSES, EMBED, JOINT
-from crucible_jax.models.layers import Dtype, Mlp, dense, layer_norm
+from crucible_jax.models.layers import Dtype, Mlp, MultiHeadAttention, dense, layer_norm, logical
 
 L2_EPS = 1e-12
 
@@ -54,3 +54,28 @@ class ClassifierHead(nn.Module):
     if self.hidden:
       x = x + Mlp(self.hidden, name="mlp", **kw)(x)
     return dense(self.num_classes, (EMBED, CLASSES), name="logits", **kw)(x).astype(jnp.float32)
+
+
+class QueryPool(nn.Module):
+  """Attention pooling with learned queries (big_vision's MAP head): [B, N, d] tokens → [B, Q, d] slots.
+
+  Unlike a mean, each slot can read a different place of the sequence, so the slots keep order — the digit at
+  position k of "371" vs "137" — that a mean over tokens washes out.
+  """
+
+  num_queries: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b q d"]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    width = tokens.shape[-1]
+    queries = self.param("queries", logical(nn.initializers.normal(0.02), (None, EMBED)),
+                         (self.num_queries, width), self.param_dtype)
+    queries = jnp.broadcast_to(queries.astype(self.dtype), (tokens.shape[0], self.num_queries, width))
+    context = layer_norm(name="ln_tokens", **kw)(tokens)
+    slots = MultiHeadAttention(self.num_heads, name="attn", **kw)(queries, context, mask=mask)
+    slots = slots + Mlp(2 * width, name="mlp", **kw)(layer_norm(name="ln_slots", **kw)(slots))
+    return slots

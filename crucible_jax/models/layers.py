@@ -65,21 +65,28 @@ def as_attention_mask(mask: Bool[Array, "..."] | None, q_len: int) -> Bool[Array
 
 
 class HeadProjection(nn.Module):
-  """[B, L, embed] → [B, L, heads, kv] with a kernel laid out (embed, heads, kv) so each axis keeps its name."""
+  """[B, L, embed] → `count` × [B, L, heads, kv]; kernel (embed, [count,] heads, kv) so each axis keeps its name.
+
+  `count=3` is the fused q/k/v projection of self-attention: one wide GEMM instead of three narrow ones.
+  """
 
   num_heads: int
   head_dim: int
+  count: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l h k"]:
-    kernel = self.param("kernel", logical(default_kernel_init, (EMBED, HEADS, KV)),
-                        (x.shape[-1], self.num_heads, self.head_dim), self.param_dtype)
-    bias = self.param("bias", logical(nn.initializers.zeros_init(), (HEADS, KV)),
-                      (self.num_heads, self.head_dim), self.param_dtype)
-    y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype)
+  def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "... b l h k"]:
+    stacked = self.count > 1
+    shape = (x.shape[-1], *((self.count,) if stacked else ()), self.num_heads, self.head_dim)
+    names = (EMBED, *((None,) if stacked else ()), HEADS, KV)
+    kernel = self.param("kernel", logical(default_kernel_init, names), shape, self.param_dtype)
+    bias = self.param("bias", logical(nn.initializers.zeros_init(), names[1:]), shape[1:], self.param_dtype)
+    spec = "bld,dthk->tblhk" if stacked else "bld,dhk->blhk"
+    y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    bias = bias.astype(self.dtype)
+    return y + (bias[:, None, None] if stacked else bias)
 
 
 class HeadMerge(nn.Module):
@@ -112,18 +119,18 @@ class MultiHeadAttention(nn.Module):
       context: Float[Array, "b k c"] | None = None,
       mask: Bool[Array, "..."] | None = None,
   ) -> Float[Array, "b q d"]:
-    context = x if context is None else context
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
     head_dim = width // self.num_heads
 
-    def projection(name: str) -> "HeadProjection":
-      return HeadProjection(self.num_heads, head_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-    query = projection("query")(x) * jnp.asarray(head_dim**-0.5, self.dtype)
-    key = projection("key")(context)
-    value = projection("value")(context)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if context is None:
+      query, key, value = HeadProjection(self.num_heads, head_dim, count=3, name="qkv", **kw)(x)
+    else:
+      query = HeadProjection(self.num_heads, head_dim, name="query", **kw)(x)
+      key, value = HeadProjection(self.num_heads, head_dim, count=2, name="kv", **kw)(context)
+    query = query * jnp.asarray(head_dim**-0.5, self.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     full_mask = as_attention_mask(mask, x.shape[1])
     if full_mask is not None:

@@ -4,6 +4,7 @@ Capacities are static (top-k over the batch), so a routed encoder compiles once 
 Skipped samples come back masked, never as zero features pretending to be data.
 """
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -356,3 +357,39 @@ class ModalityRouter(nn.Module):
         scores, present, capacity, train=train, rng=rng, temperature=self.temperature,
         min_modalities=self.min_modalities, groups=self.groups)
     return plan, routing_losses(plan, present, capacity)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSpec:
+  """Hashable, validated routing settings of a model (`routing_spec` makes it from `model.routing`)."""
+
+  budget: tuple[tuple[str, float], ...]  # (modality, fraction of the batch encoded), active modalities only
+  temperature: float = 1.0  # softness of the straight-through sigmoid gate
+  min_modalities: int = 1  # modalities every sample keeps (capacity allowing)
+  groups: int = 1  # batch blocks routed independently (the data-shard count)
+
+  def router(self, name: str = "router") -> ModalityRouter:
+    """The ModalityRouter these settings describe."""
+    return ModalityRouter(dict(self.budget), temperature=self.temperature, min_modalities=self.min_modalities,
+                          groups=self.groups, name=name)
+
+
+def routing_spec(cfg: Mapping[str, Any] | None, modalities: Sequence[str]) -> RoutingSpec | None:
+  """None when `cfg` is absent or `cfg.enabled` is false; else the validated spec (ValueError naming the key)."""
+  if cfg is None or not cfg.get("enabled", False):
+    return None
+  budget = dict(cfg.get("budget", {}))
+  missing = [m for m in modalities if m not in budget]
+  if missing:
+    raise ValueError(f"routing.budget lacks active modalities {missing} (has {sorted(budget)})")
+  for m in modalities:
+    if not 0.0 < float(budget[m]) <= 1.0:
+      raise ValueError(f"routing.budget.{m}={budget[m]} must be in (0, 1]")
+  temperature, min_modalities, groups = cfg.get("temperature", 1.0), cfg.get("min_modalities", 1), cfg.get("groups", 1)
+  if not float(temperature) > 0:
+    raise ValueError(f"routing.temperature={temperature} must be > 0")
+  if isinstance(min_modalities, bool) or not isinstance(min_modalities, int) or min_modalities < 0:
+    raise ValueError(f"routing.min_modalities={min_modalities!r} must be an integer >= 0")
+  if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+    raise ValueError(f"routing.groups={groups!r} must be a positive integer")
+  return RoutingSpec(tuple((m, float(budget[m])) for m in modalities), float(temperature), min_modalities, groups)

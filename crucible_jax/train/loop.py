@@ -17,7 +17,7 @@ import numpy as np
 from crucible_jax.data import pipeline as data_lib
 from crucible_jax.eval import plots
 from crucible_jax.eval.evaluators import build_evaluators
-from crucible_jax.train import stages as stages_lib
+from crucible_jax.train import curriculum, stages as stages_lib
 from crucible_jax.train.checkpoint import Checkpointer
 from crucible_jax.train.evaluate import evaluate_split
 from crucible_jax.train.hooks import HookEntry, MetricSink, Progress, StepInfo, scalars_of
@@ -78,7 +78,8 @@ class Trainer:
 
   def _train_all_stages(self) -> Any:
     iterator = data_lib.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
-                                            seed=self.config.seed)
+                                            seed=self.config.seed, sample_hook=curriculum.sample_hook(self.config),
+                                            process_index=jax.process_index(), process_count=jax.process_count())
     self._current_iterator = iterator
     latest = self.checkpointer.latest_step()
     meta = self.checkpointer.restore_meta(latest) if latest is not None else None
@@ -148,7 +149,8 @@ class Trainer:
     tx, *_ = self.experiment.stage_parts(self.plans[meta["stage_index"]])
     abstract, _, _ = self.experiment.state_layout(tx)
     iterator = data_lib.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
-                                            seed=self.config.seed)
+                                            seed=self.config.seed, process_index=jax.process_index(),
+                                            process_count=jax.process_count())
     return self.checkpointer.restore(latest, abstract, iterator).params
 
   # --- evaluation ----------------------------------------------------------------------------------

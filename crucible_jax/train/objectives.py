@@ -1,6 +1,7 @@
 """Training objectives as data: a spec of weighted loss terms -> the heads they need and one loss function.
 
-Spec keys (weight 0 = off): `pretrain/<m>`, `contrastive/<a>-<b>`, `vqa`, `tagging`, `asr`, `fused`.
+Spec keys (weight 0 = off): `pretrain/<m>`, `contrastive/<a>-<b>`, `vqa`, `tagging`, `asr`, `fused`,
+`routing/budget`, `routing/balance` (need `model.routing.enabled`).
 Every term's value is reported as `loss/<key>`, so a gradient-balancing scheme can read the per-term losses.
 """
 
@@ -90,7 +91,15 @@ def _vqa_term(outputs, batch):
 
 def _tagging_term(outputs, batch):
   logits = _output(outputs, "tag_logits", "tagging")
-  return losses.multilabel_loss(logits, batch["digits"], sample_weight(batch)), {}
+  if "labels" not in batch:  # DigitWorld: the multi-hot of the digits present
+    return losses.multilabel_loss(logits, batch["digits"], sample_weight(batch)), {}
+  labels = batch["labels"].astype(jnp.float32)  # multi-hot from the source (AudioSet)
+  if labels.shape != logits.shape:
+    raise ValueError(f"tagging: batch['labels'] {labels.shape} and tag_logits {logits.shape} disagree "
+                     f"(data.num_labels vs model.heads.num_tags)")
+  logits = logits.astype(jnp.float32)
+  bce = jnp.logaddexp(0.0, logits) - logits * labels  # sigmoid cross-entropy, stable for large |logits|
+  return losses.weighted_mean(jnp.mean(bce, axis=1), sample_weight(batch)), {}
 
 
 def _asr_term(outputs, batch):
@@ -107,10 +116,23 @@ def _fused_term(outputs, batch):
   return loss, {"acc/fused": string_accuracy(logits, batch["digits"], batch["num_digits"], weight)}
 
 
-def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequence[str]) -> tuple[str, TermFn]:
+def _routing_term(name: str) -> TermFn:
+  """The router's `<name>_loss` from `outputs['routing_aux']`; the budget term also reports per-modality usage."""
+  def term(outputs, batch):
+    if "routing_aux" not in outputs:
+      raise ValueError(f"objective term 'routing/{name}' needs model output 'routing_aux': set model.routing.enabled")
+    aux = outputs["routing_aux"]
+    extra = {f"routing/usage_{m}": u for m, u in aux["usage"].items()} if name == "budget" else {}
+    return aux[f"{name}_loss"], extra
+  return term
+
+
+def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequence[str]) -> tuple[str | None, TermFn]:
   """(head, term function) for one spec key; ValueError naming the key if it is not understood."""
   fixed = {"vqa": ("vqa", _vqa_term), "tagging": ("tagging", _tagging_term), "asr": ("asr", _asr_term),
-           "fused": ("fused", _fused_term)}
+           "fused": ("fused", _fused_term),
+           # The router runs with any head, so routing terms ask for none.
+           "routing/budget": (None, _routing_term("budget")), "routing/balance": (None, _routing_term("balance"))}
   if key in fixed:
     return fixed[key]
   family, _, rest = key.partition("/")
@@ -121,7 +143,7 @@ def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequenc
     if first in MODALITIES and second in MODALITIES and first != second:
       return "embed", _contrastive_term(first, second, key, loss_kind, mesh, batch_axes)
   raise ValueError(f"unknown objective term {key!r}; expected pretrain/<m>, contrastive/<a>-<b> (m in "
-                   f"{MODALITIES}, a != b), vqa, tagging, asr or fused")
+                   f"{MODALITIES}, a != b), vqa, tagging, asr, fused, routing/budget or routing/balance")
 
 
 def build_objective(spec: Mapping[str, float], *, loss_kind: str = "clip", mesh: Mesh | None = None,

@@ -6,7 +6,10 @@ machine without grain or tfds.
 
 from typing import Any, Callable
 
+import re
+
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,7 +30,13 @@ class Experiment:
     self.mesh = mesh or mesh_lib.build_mesh(dict(config.mesh))
     mesh_lib.check_batch_divisible(config.batch_size, self.mesh)
     self.rules = rules_lib.rules_for(config.sharding.layout)
-    model_cfg = precision.Policy.from_config(config.get("precision", {})).apply_to_model_config(config.model)
+    self.policy = precision.Policy.from_config(config.get("precision", {}))
+    if self.policy.needs_loss_scaling and config.compression.method != "none":
+      raise ValueError(f"precision float16 needs loss scaling, which compression.method="
+                       f"{config.compression.method!r} does not support; use bfloat16 or compression 'none'")
+    model_cfg = self.policy.apply_to_model_config(config.model)
+    if "routing" in model_cfg:  # each data shard routes its own block of the batch (gathers stay on-device)
+      model_cfg.routing.groups = mesh_lib.num_data_shards(self.mesh)
     self.model = build_model(model_cfg)
     self.plans = stages_lib.plan_stages(config)
     self.replicated = rules_lib.replicated(self.mesh)
@@ -35,7 +44,18 @@ class Experiment:
     boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
     self.param_shardings = rules_lib.logical_to_shardings(boxed, self.mesh, self.rules)
     self.abstract_params = nn.meta.unbox(boxed)
+    self._check_param_patterns()
     self._jitted_init = jax.jit(lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=self.param_shardings)
+
+  def _check_param_patterns(self) -> None:
+    """Every `carry`/`frozen` regex must match a param path: a typo would silently train from scratch."""
+    paths = list(flax.traverse_util.flatten_dict(self.abstract_params, sep="/"))
+    for plan in self.plans:
+      for field in ("carry", "frozen"):
+        for pattern in plan.cfg.get(field, ()):
+          if not any(re.search(pattern, path) for path in paths):
+            raise ValueError(f"stages.{plan.name}.{field} pattern {pattern!r} matches no parameter; "
+                             f"top-level params: {sorted(self.abstract_params)}")
 
   def example_batch(self, batch_size: int | None = None) -> dict:
     """Zeros in the batch schema's shapes."""
@@ -72,7 +92,7 @@ class Experiment:
     def make(params: Any) -> TrainState:
       comp = compression.init_compression_state(params, method, self.mesh, **comp_args) if method != "none" else {}
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                        comp_state=comp, skipped=jnp.zeros((), jnp.int32), tx=tx)
+                        comp_state=comp, skipped=jnp.zeros((), jnp.int32), tx=tx, loss_scale=self._loss_scale())
 
     with jax.set_mesh(self.mesh):
       abstract = jax.eval_shape(make, self.abstract_params)
@@ -80,9 +100,16 @@ class Experiment:
                                           self.param_shardings, transform_non_params=lambda _: self.replicated)
     comp_shardings = compression.compression_state_shardings(self.abstract_params, method, self.mesh, **comp_args)
     shardings = abstract.replace(step=self.replicated, params=self.param_shardings, opt_state=opt_shardings,
-                                 comp_state=comp_shardings, skipped=self.replicated)
+                                 comp_state=comp_shardings, skipped=self.replicated,
+                                 loss_scale=jax.tree.map(lambda _: self.replicated, abstract.loss_scale))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return abstract, make, shardings
+
+  def _loss_scale(self) -> precision.DynamicLossScale | None:
+    """A fresh dynamic loss scale when compute is float16 (optional `config.loss_scale` = create() kwargs)."""
+    if not self.policy.needs_loss_scaling:
+      return None
+    return precision.DynamicLossScale.create(**dict(self.config.get("loss_scale", None) or {}))
 
   def new_state(self, make: Callable, shardings: TrainState, params: Any) -> TrainState:
     """A fresh train state around `params`, laid out on the mesh."""
@@ -92,8 +119,9 @@ class Experiment:
   def train_step(self, plan: stages_lib.StagePlan, shardings: TrainState) -> Callable:
     """The stage's jitted `train_step(state, batch, rng)`, donating the state."""
     tx, frozen, heads, objective = self.stage_parts(plan)
-    loss_fn = step_lib.make_loss_fn(self.model, objective, heads, frozen, self.rules)
     method = self.config.compression.method
+    # Inside the compressed-gradient shard_map every array is local: no sharding constraints there.
+    loss_fn = step_lib.make_loss_fn(self.model, objective, heads, frozen, self.rules if method == "none" else ())
     grad_fn = None
     if method != "none":
       grad_fn = compression.make_compressed_value_and_grad(loss_fn, self.mesh, method,

@@ -5,7 +5,9 @@ what grain's `MapDataset.source` wants.
 """
 
 import dataclasses
+import fcntl
 import os
+import pathlib
 from typing import Any, Iterator
 
 import ml_collections
@@ -198,8 +200,17 @@ def prepare_digit_world(data_cfg: ml_collections.ConfigDict) -> DigitWorld:
     raise ValueError(f"data config names dataset {data_cfg.name!r}, not 'digit_world'")
   if not 1 <= data_cfg.max_digits <= 8:
     raise ValueError(f"max_digits must be in [1, 8], got {data_cfg.max_digits}")
-  builder = DigitWorld(config=builder_config_of(data_cfg), data_dir=data_dir_of(data_cfg))
-  builder.download_and_prepare(file_format="array_record")
+  data_dir = pathlib.Path(data_dir_of(data_cfg))
+  data_dir.mkdir(parents=True, exist_ok=True)
+  # Processes sharing a data dir (test workers, the hosts of one job) prepare one at a time: a second writer would
+  # replace the ArrayRecord files under a reader's feet. The second one then finds the dataset already built.
+  with open(data_dir / ".digit_world.lock", "a") as lock:  # "a": never rewrites, so the dir stays untouched
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = DigitWorld(config=builder_config_of(data_cfg), data_dir=str(data_dir))
+      builder.download_and_prepare(file_format="array_record")
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
 
 

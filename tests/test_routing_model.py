@@ -1,0 +1,151 @@
+"""The modality router inside CrucibleModel: static capacities, gradients, skipped == absent, budget 1.0 == dense."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crucible_jax.bench.common import compiled_flops
+from crucible_jax.config import load_experiment
+from crucible_jax.models import build_model, default_model_config, example_batch
+from crucible_jax.models.router import routing_spec
+from crucible_jax.train import objectives
+
+B = 8
+HEADS = ("embed", "vqa", "fused")
+EXPERIMENTS = pathlib.Path(__file__).parent.parent / "experiments"
+
+
+def _config(budget: dict | None, groups: int = 1):
+  """An image+text model small enough to compile in seconds; `budget=None` = routing off."""
+  cfg = default_model_config()
+  cfg.modalities = ("image", "text")
+  for family in ("image", "text"):
+    cfg[family].update(width=16, depth=1, heads=2, mlp=32)
+  cfg.joint_dim = 16
+  if budget is not None:
+    cfg.routing.enabled = True
+    cfg.routing.budget.update(budget)
+    cfg.routing.groups = groups
+  return cfg
+
+
+def _batch(seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  batch = {k: np.asarray(v) for k, v in example_batch(_config(None), B).items()}
+  batch["image"] = rng.random(batch["image"].shape, np.float32)
+  batch["text"] = rng.integers(1, 259, batch["text"].shape).astype(np.int32)
+  batch["question"] = rng.integers(1, 259, batch["question"].shape).astype(np.int32)
+  return batch
+
+
+def _apply(model, train: bool):
+  return jax.jit(lambda v, b, r: model.apply(v, b, train=train, heads=HEADS, rngs={"routing": r}))
+
+
+def _compiled(model, variables, train: bool = False):
+  """The model's apply compiled once for B-sized batches (reused by every test that needs it)."""
+  return _apply(model, train).lower(variables, _batch(0), jax.random.key(0)).compile()
+
+
+@pytest.fixture(scope="module")
+def models():
+  """Dense, half-budget (2 groups) and full-budget models sharing one set of params (the routed superset)."""
+  dense = build_model(_config(None))
+  half = build_model(_config({"image": 0.5, "text": 0.75}, groups=2))
+  full = build_model(_config({"image": 1.0, "text": 1.0}))
+  init_batch = example_batch(_config(None), B)
+  variables = jax.jit(lambda r: half.init({"params": r, "routing": r}, init_batch, heads=HEADS))(jax.random.key(0))
+  return dense, half, full, variables
+
+
+@pytest.fixture(scope="module")
+def dense_eval(models):
+  return _compiled(models[0], models[3])
+
+
+@pytest.fixture(scope="module")
+def half_eval(models):
+  return _compiled(models[1], models[3])
+
+
+def test_capacity_respected_with_static_shapes_in_the_full_model(models, dense_eval, half_eval):
+  dense, half, _, variables = models
+  batch, other = _batch(0), _batch(1)
+  reference = dense_eval(variables, batch, jax.random.key(0))
+  for b in (batch, other):  # new content, same executable: shapes never depend on the routing decision
+    out = half_eval(variables, b, jax.random.key(0))
+    selected = {m: np.asarray(out["present"][m]) for m in ("image", "text")}
+    per_group = {m: s.reshape(2, -1).sum(1) for m, s in selected.items()}
+    np.testing.assert_array_equal(per_group["image"], [2, 2])  # 0.5 of 4 rows per group
+    np.testing.assert_array_equal(per_group["text"], [3, 3])  # ceil(0.75 * 4) per group
+    assert np.all(selected["image"] | selected["text"])  # min_modalities=1: nobody is dropped entirely
+    assert float(out["routing_aux"]["usage"]["image"]) == 0.5
+    for key in ("fused_logits", "vqa_logits"):
+      assert out[key].shape == reference[key].shape and np.all(np.isfinite(out[key]))
+  assert compiled_flops(half_eval) < 0.85 * compiled_flops(dense_eval)  # the encoders really run on fewer rows
+
+
+def test_gradients_reach_the_estimator_through_the_task_losses(models):
+  _, half, _, variables = models
+  batch = _batch(0)
+
+  def task_loss(params):
+    out = half.apply({"params": params}, batch, train=True, heads=HEADS, rngs={"routing": jax.random.key(3)})
+    return jnp.mean(jnp.square(out["fused_logits"])) + jnp.mean(jnp.square(out["vqa_logits"]))
+
+  grads = jax.jit(jax.grad(task_loss))(variables["params"])
+  estimator = jax.tree.leaves(grads["router"]["estimator"])
+  norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in estimator)))
+  assert np.isfinite(norm) and norm > 1e-6, norm
+
+
+def test_skipped_modality_equals_the_modality_absent(models, dense_eval, half_eval):
+  _, _, _, variables = models
+  batch = _batch(0)
+  routed = half_eval(variables, batch, jax.random.key(0))
+  skipped = ~np.asarray(routed["present"]["image"])
+  assert skipped.any() and np.all(np.asarray(routed["present"]["text"])[skipped])
+  absent = dict(batch, image_present=batch["image_present"] & ~skipped)
+  masked = dense_eval(variables, absent, jax.random.key(0))
+  np.testing.assert_allclose(np.asarray(routed["fused_logits"])[skipped], np.asarray(masked["fused_logits"])[skipped],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(routed["fusion_weights"])[skipped, 0], 0.0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_budget_one_reproduces_the_dense_model_bitwise(models, dense_eval, train):
+  dense, _, full, variables = models
+  batch = _batch(2)
+  want = (_compiled(dense, variables, train) if train else dense_eval)(variables, batch, jax.random.key(5))
+  got = _compiled(full, variables, train)(variables, batch, jax.random.key(5))
+  assert set(got) == set(want) | {"routing_aux"}
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(
+      {k: got[k] for k in want})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_routing_objective_terms_read_the_router_aux():
+  aux = {"budget_loss": jnp.float32(0.25), "balance_loss": jnp.float32(0.5),
+         "usage": {"image": jnp.float32(0.5), "text": jnp.float32(1.0)}}
+  heads, objective = objectives.build_objective({"routing/budget": 2.0, "routing/balance": 0.1})
+  assert heads == ()
+  loss, metrics = objective({"routing_aux": aux}, {})
+  assert float(loss) == pytest.approx(2.0 * 0.25 + 0.1 * 0.5)
+  assert float(metrics["routing/usage_image"]) == 0.5
+  with pytest.raises(ValueError, match="routing.enabled"):
+    objective({}, {})
+
+
+def test_routing_config_is_validated_and_the_routed_experiment_builds():
+  cfg = _config({"image": 0.5, "text": 1.0})
+  assert routing_spec(cfg.routing, ("image", "text")).budget == (("image", 0.5), ("text", 1.0))
+  cfg.routing.budget.image = 0.0
+  with pytest.raises(ValueError, match="routing.budget.image"):
+    build_model(cfg)
+  assert build_model(_config(None)).config.routing is None
+  routed = load_experiment(f"{EXPERIMENTS / 'digit_world.py'}:tiny,routed", [])
+  model = build_model(routed.model)
+  assert model.config.routing is not None and "routing/budget" in routed.stages.joint.objective
