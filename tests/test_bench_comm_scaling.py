@@ -43,7 +43,7 @@ def test_int8_sends_at_least_3_5x_fewer_gradient_bytes(comm_report):
   # an f32 ring all-reduce of the grads the stage produces (a third or more of all params here)
   assert none["gradient_bytes"] > 0.25 * 7 / 4 * comm_report["param_bytes_f32"]
   assert int8["bytes_ratio_vs_f32_all_params"] >= 3.5
-  assert int8["bytes_ratio_vs_none"] > 2.0  # GSPMD skips the grads the stage never produces; int8 sends them
+  assert int8["bytes_ratio_vs_none"] > 1.0  # fewer bytes even though int8 also sends the grads GSPMD skips
   assert comm_report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
