@@ -170,3 +170,41 @@ def test_worker_processes_give_the_same_batches(cfg):
     iterator.close()
   expected = _take(pipeline.make_train_iterator(cfg, global_batch=4, seed=5, process_index=0, process_count=1), 3)
   _assert_same(got, expected)
+
+
+def test_recipe_source_equals_the_tfds_source(cfg):
+  import pickle
+
+  expected = builder.digit_world_source(cfg, "val")
+  fast = pipeline.RecipeSource(cfg, "val")
+  assert len(fast) == len(expected) == 60
+  for i in range(len(fast)):
+    got, want = fast[i], expected[i]
+    assert got.keys() == want.keys()
+    for key in want:
+      assert type(got[key]) is type(want[key]), key
+      if isinstance(want[key], np.ndarray):
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+      assert np.array_equal(got[key], want[key]), (i, key)
+  copy = pickle.loads(pickle.dumps(fast))  # what a worker process gets: the reader, not the loaded bytes
+  assert copy._records is None and copy[7]["index"] == 7  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="split"):
+    pipeline.RecipeSource(cfg, "validation")
+
+
+def _step_as_weight(step, sample):
+  sample["weight"] = np.float32(step)
+  return sample
+
+
+def test_train_batches_are_the_rendered_recipes_in_order(cfg):
+  recipes = pipeline.train_recipes(cfg, seed=3, process_index=0, process_count=1)
+  iterator = pipeline.make_train_iterator(cfg, global_batch=4, seed=3, process_index=0, process_count=1,
+                                          sample_hook=_step_as_weight)
+  for step, batch in enumerate(_take(iterator, 2)):
+    for row in range(4):
+      sample = pipeline._render_train(recipes[4 * step + row], data_cfg=cfg, seed=3)  # pylint: disable=protected-access
+      for key in sample:
+        if key != "weight":
+          assert batch[key][row].tobytes() == sample[key].tobytes(), (step, row, key)
+    assert (batch["weight"] == step).all()  # the hook sees the step each sample lands in

@@ -1,5 +1,6 @@
 """Waveform utilities shared by DigitWorld and the real-benchmark loaders: read, trim, resample, mix."""
 
+import functools
 import os
 import wave
 
@@ -60,6 +61,34 @@ def mix_at_snr(signal: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarr
   if signal.shape != noise.shape:
     raise ValueError(f"signal {signal.shape} and noise {noise.shape} must have the same shape")
   signal_power = float(np.mean(signal.astype(np.float64) ** 2))
-  noise_power = float(np.mean(noise.astype(np.float64) ** 2)) + 1e-20
-  scale = np.sqrt(signal_power / (noise_power * 10.0 ** (snr_db / 10.0)))
-  return (signal + scale * noise).astype(np.float32)
+  noise_power = float(np.mean(noise.astype(np.float64) ** 2))
+  return (signal + snr_scale(signal_power, noise_power, snr_db) * noise).astype(np.float32)
+
+
+def snr_scale(signal_power: float, noise_power: float, snr_db: float) -> float:
+  """Factor on the noise so that signal power / scaled noise power = `snr_db` decibels."""
+  return float(np.sqrt(signal_power / ((noise_power + 1e-20) * 10.0 ** (snr_db / 10.0))))
+
+
+NOISE_BANK_SIZE = 2**20  # standard-normal samples per process-wide noise bank (4 MB of float32)
+
+
+@functools.lru_cache(maxsize=2)
+def noise_bank(size: int = NOISE_BANK_SIZE, seed: int = 0) -> np.ndarray:
+  """`size` float32 standard normals, the same in every process (fixed seed); read-only, built once per process.
+
+  Renderers slice it at an offset drawn from their own random stream instead of drawing fresh Gaussians, which
+  is what dominated the cost of noisy samples; the slice is then as deterministic as the offset.
+  """
+  bank = np.random.Generator(np.random.Philox(key=[seed, 0x6E6F697365])).standard_normal(size, dtype=np.float32)
+  bank.flags.writeable = False
+  return bank
+
+
+def noise_slice(length: int, rng: np.random.Generator, bank: np.ndarray | None = None) -> np.ndarray:
+  """`length` consecutive (read-only) samples of the noise bank from an offset drawn from `rng`."""
+  bank = noise_bank() if bank is None else bank
+  if not 0 <= length <= len(bank):
+    raise ValueError(f"asked for {length} noise samples; the noise bank holds {len(bank)}")
+  offset = int(rng.random() * (len(bank) - length + 1))  # uniform; one draw, cheaper than rng.integers
+  return bank[offset : offset + length]

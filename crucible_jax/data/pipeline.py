@@ -7,6 +7,8 @@ Rendering happens here, per element, deterministically from (record, seed, epoch
 import functools
 import logging
 import math
+import threading
+import types
 from typing import Any, Callable, Iterator, Mapping
 
 import grain
@@ -110,9 +112,67 @@ def _render(recipe: Mapping[str, Any], data_cfg: ml_collections.ConfigDict, spli
     return render.padding_sample(data_cfg)
 
 
+IN_MEMORY_RECORDS = 200_000  # splits up to this many records (~850 B each) are read into memory once per process
+_LOAD_LOCK = threading.Lock()  # grain's reader threads share a source: one of them loads the split
+
+
+class RecipeSource:
+  """A DigitWorld split's recipes, equal to `builder.digit_world_source`'s record for record, ~6x cheaper a read.
+
+  The split's bytes are read into memory in one batched pass on first use (a lone ArrayRecord read costs ~100 us
+  of zstd set-up, a batched one ~15 us), and records are decoded field by field from the tf.Example proto
+  instead of by tfds's generic parser (~250 us). Larger splits than IN_MEMORY_RECORDS are read per record.
+  """
+
+  def __init__(self, data_cfg: ml_collections.ConfigDict, split: str):
+    from tensorflow_datasets.core import decode  # pylint: disable=g-import-not-at-top
+
+    if split not in builder.SPLITS:
+      raise ValueError(f"unknown DigitWorld split {split!r}; choose from {builder.SPLITS}")
+    digit_world = builder.prepare_digit_world(data_cfg)
+    self._raw = digit_world.as_data_source(split=split, deserialize_method=decode.DeserializeMethod.RAW_BYTES)
+    self._specs = {name: (info.np_dtype, info.shape)
+                   for name, info in digit_world.info.features.get_tensor_info().items()}
+    self._records: list[bytes] | None = None
+
+  def __len__(self) -> int:
+    return len(self._raw)
+
+  def __getstate__(self) -> dict[str, Any]:  # worker processes get the reader, not this process's bytes
+    return {**self.__dict__, "_records": None}
+
+  def _read(self, index: int) -> bytes:
+    if len(self._raw) > IN_MEMORY_RECORDS:
+      return self._raw[index]
+    if self._records is None:
+      with _LOAD_LOCK:
+        if self._records is None:
+          self._records = list(self._raw.__getitems__(range(len(self._raw))))
+    return self._records[index]
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+
+    features = tf_example_pb2.Example.FromString(self._read(int(index))).features.feature
+    record = {}
+    for name, (dtype, shape) in self._specs.items():
+      if dtype == np.dtype(object):  # text: bytes, as tfds gives it
+        record[name] = features[name].bytes_list.value[0]
+      elif shape == ():  # scalars: Python ints, as tfds gives them
+        record[name] = int(features[name].int64_list.value[0])
+      else:
+        record[name] = np.array(features[name].int64_list.value, dtype).reshape(shape)
+    return record
+
+
 def tag_epoch(index: int, recipe: Mapping[str, Any], *, epoch_size: int) -> tuple[int, Mapping[str, Any]]:
   """(epoch, recipe) for position `index` of the repeated stream."""
   return index // epoch_size, recipe
+
+
+def _read_tagged(index: int, record: int, *, source: RecipeSource, epoch_size: int) -> tuple[int, Mapping[str, Any]]:
+  """(epoch, recipe of `record`) for position `index` of the repeated, shuffled stream of record indices."""
+  return tag_epoch(index, source[record], epoch_size=epoch_size)
 
 
 def _render_train(item: tuple[int, Mapping[str, Any]], *, data_cfg: ml_collections.ConfigDict,
@@ -132,9 +192,11 @@ def train_recipes(
 ) -> grain.MapDataset:
   """This process's infinite stream of (epoch, recipe): shuffled anew each epoch, sharded across processes."""
   process_index, process_count = _process_layout(process_index, process_count)
-  source = builder.digit_world_source(data_cfg, "train")
-  dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  dataset = dataset.map_with_index(functools.partial(tag_epoch, epoch_size=len(source)))
+  source = RecipeSource(data_cfg, "train")
+  # Shuffle record indices and read in a map: the same order as shuffling the source, without grain's per-read
+  # source metrics (a byte-size walk of every record).
+  dataset = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+  dataset = dataset.map_with_index(functools.partial(_read_tagged, source=source, epoch_size=len(source)))
   return dataset[process_index::process_count]
 
 
@@ -151,6 +213,23 @@ def _maybe_mp_prefetch(dataset: grain.IterDataset, data_cfg: ml_collections.Conf
 
 def _read_options(data_cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=2, prefetch_buffer_size=int(data_cfg.prefetch_buffer))
+
+
+def _plain_config(data_cfg: ml_collections.ConfigDict) -> types.SimpleNamespace:
+  """The data config as a plain namespace: the renderer reads ~10 fields per sample, a ConfigDict read is ~3 us."""
+  return types.SimpleNamespace(**data_cfg.to_dict())
+
+
+def _render_train_batch(
+    step: int, items: list[tuple[int, Mapping[str, Any]]], *, data_cfg: ml_collections.ConfigDict, seed: int,
+    hook: Callable[[int, dict], dict] | None,
+) -> dict[str, np.ndarray]:
+  """The batch of train step `step`: each (epoch, recipe) rendered, passed through `hook(step, sample)`, stacked."""
+  data_cfg = _plain_config(data_cfg)
+  samples = [_render_train(item, data_cfg=data_cfg, seed=seed) for item in items]
+  if hook is not None:
+    samples = [hook(step, sample) for sample in samples]
+  return {key: np.stack([sample[key] for sample in samples]) for key in samples[0]}
 
 
 def _at_step(index: int, sample: dict[str, np.ndarray], *, hook: Callable, local_batch: int) -> dict[str, np.ndarray]:
@@ -176,11 +255,11 @@ def make_train_iterator(
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(global_batch, process_count)
   dataset = train_recipes(data_cfg, seed=seed, process_index=process_index, process_count=process_count)
-  dataset = dataset.map(functools.partial(_render_train, data_cfg=data_cfg, seed=seed))
-  if sample_hook is not None:
-    dataset = dataset.map_with_index(functools.partial(_at_step, hook=sample_hook, local_batch=local_batch))
-  dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
-  return iter(_maybe_mp_prefetch(dataset, data_cfg))
+  # Batch the recipes, then render a whole batch per map call: one grain element per step, not per sample.
+  dataset = dataset.batch(local_batch, drop_remainder=True, batch_fn=list)
+  dataset = dataset.map_with_index(functools.partial(_render_train_batch, data_cfg=data_cfg, seed=seed,
+                                                     hook=sample_hook))
+  return iter(_maybe_mp_prefetch(dataset.to_iter_dataset(_read_options(data_cfg)), data_cfg))
 
 
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
@@ -188,7 +267,7 @@ def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   if data_cfg.name != "digit_world":
     from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
     return benchmarks.num_examples(data_cfg, split)
-  return len(builder.digit_world_source(data_cfg, split))
+  return len(RecipeSource(data_cfg, split))
 
 
 def _eval_element(local_position: int, *, source: Any, data_cfg: ml_collections.ConfigDict, split: str,
@@ -219,7 +298,7 @@ def make_eval_batches(
   validate_data_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(batch_size, process_count)
-  source = builder.digit_world_source(data_cfg, split)
+  source = RecipeSource(data_cfg, split)
   num_batches = math.ceil(len(source) / batch_size)
   dataset = grain.MapDataset.range(num_batches * local_batch).map(functools.partial(
       _eval_element, source=source, data_cfg=data_cfg, split=split, global_batch=batch_size,
