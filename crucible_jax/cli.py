@@ -1,4 +1,4 @@
-"""`crucible train | eval | bench | prepare`: the command line over experiment files."""
+"""`crucible train | eval | bench | prepare | generate`: the command line over experiment files."""
 
 import argparse
 import importlib
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
   with_config(bench)
   bench.add_argument("--json", required=True, help="output JSON path")
 
+  from crucible_jax.generate import add_parser as add_generate_parser  # numpy only: keeps --help instant
+  add_generate_parser(sub)
+
   prepare = sub.add_parser("prepare", help="build a dataset into the data directory")
   prepare.add_argument("dataset", choices=("digit_world",))
   prepare.add_argument("--data-dir", help="default: $CRUCIBLE_DATA_DIR, else ~/.cache/crucible_jax")
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"crucible: config error: {e}", file=sys.stderr)
     return 2
-  command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare}[args.command]
+  command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate}[args.command]
   return command(args, config)
 
 
@@ -109,6 +112,11 @@ def _bench(args, config) -> int:
   out.write_text(json.dumps(report, indent=2, sort_keys=True))
   print(json.dumps(report, indent=2, sort_keys=True))
   return 0
+
+
+def _generate(args, config) -> int:
+  from crucible_jax.generate import run
+  return run(args, config)
 
 
 def _prepare(args, config) -> int:

@@ -10,6 +10,7 @@ import numpy as np
 
 from crucible_jax.common_types import MODALITIES, present_key
 from crucible_jax.eval import metrics
+from crucible_jax.eval.generation import CaptionEvaluator, ImageGenerationEvaluator
 
 NO_DIGIT = 10
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -215,7 +216,8 @@ class PretrainEvaluator(_StringAccuracy):
 
 
 EVALUATORS = {"retrieval": RetrievalEvaluator, "vqa": VqaEvaluator, "tagging": TaggingEvaluator,
-              "asr": AsrEvaluator, "fused": FusedEvaluator, "pretrain": PretrainEvaluator}
+              "asr": AsrEvaluator, "fused": FusedEvaluator, "pretrain": PretrainEvaluator,
+              "caption": CaptionEvaluator, "image_generation": ImageGenerationEvaluator}
 
 
 def _plain(cfg: Any) -> dict[str, Any]:

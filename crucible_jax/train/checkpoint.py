@@ -3,9 +3,11 @@
 import pathlib
 from typing import Any
 
+import flax.traverse_util
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 STATE_FIELDS = ("step", "params", "opt_state", "comp_state", "skipped", "loss_scale")
 
@@ -45,6 +47,27 @@ class Checkpointer:
         state=ocp.args.StandardRestore(target),
         data=grain.checkpoint.CheckpointRestore(iterator)))
     return abstract_state.replace(**restored["state"])
+
+  def restore_params(self, global_step: int, abstract_params: Any, iterator: grain.DatasetIterator) -> Any:
+    """Only the saved params that the model still has (same path and shape), on `abstract_params`' shardings.
+
+    For a finished stage whose successor changed the model (e.g. added decoders): the next stage's handoff fills
+    the params the checkpoint lacks from their initialisation. Rewinds `iterator` in place.
+    """
+    # Read the state item directly (a partial PyTree restore): registering a PyTree handler for "state" on the
+    # manager would make its next StandardSave fail to find a handler.
+    path = epath.Path(self.directory / str(global_step) / "state")
+    metadata = ocp.StandardCheckpointHandler().metadata(path)
+    saved = flax.traverse_util.flatten_dict(dict(getattr(metadata, "tree", metadata))["params"], sep="/")
+    wanted = flax.traverse_util.flatten_dict(abstract_params, sep="/")
+    target = {key: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for key, x in wanted.items()
+              if key in saved and tuple(saved[key].shape) == tuple(x.shape)}
+    target = {"params": flax.traverse_util.unflatten_dict(target, sep="/")}
+    with ocp.PyTreeCheckpointer() as reader:
+      restored = reader.restore(path, args=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    self.manager.restore(global_step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(iterator)))
+    return restored["params"]
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -91,6 +91,11 @@ class Trainer:
     return params
 
   def _train_stage(self, plan, previous_params, iterator, resume: dict | None, latest: int | None) -> Any:
+    if resume is not None and resume["stage_step"] >= plan.steps:  # finished: its params move on (model may grow)
+      abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                     self.experiment.abstract_params, self.experiment.param_shardings)
+      print(f"stage {plan.name!r} finished at global step {plan.end}: its params carry on", file=sys.stderr)
+      return self.checkpointer.restore_params(latest, abstract_params, iterator)
     tx, *_ = self.experiment.stage_parts(plan)
     abstract, make, shardings = self.experiment.state_layout(tx)
     if resume is not None:
@@ -166,6 +171,9 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       for split in splits:
         evaluators = build_evaluators(self.config.evals)
+        for evaluator in evaluators.values():  # evaluators that need files or data (image_generation's recogniser)
+          if hasattr(evaluator, "attach"):
+            evaluator.attach(workdir=self.workdir, data=self.config.data, split=split)
         batches = data_lib.make_eval_batches(self.config.data, split, batch_size=eval_batch)
         scores = evaluate_split(eval_step, params, batches, evaluators, to_device)
         results.update({f"{split}/{k}": v for k, v in scores.items()})

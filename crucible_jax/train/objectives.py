@@ -1,20 +1,23 @@
 """Training objectives as data: a spec of weighted loss terms -> the heads they need and one loss function.
 
 Spec keys (weight 0 = off): `pretrain/<m>`, `contrastive/<a>-<b>`, `vqa`, `tagging`, `asr`, `fused`,
-`routing/budget`, `routing/balance` (need `model.routing.enabled`).
+`routing/budget`, `routing/balance` (need `model.routing.enabled`), `caption/<m>`, `imagine/<m>` (need
+`model.converter.enabled`).
 Every term's value is reported as `loss/<key>`, so a gradient-balancing scheme can read the per-term losses.
 """
 
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
+import optax
 from jax.sharding import Mesh
 from jaxtyping import Array
 
-from crucible_jax.common_types import MODALITIES, present_key
+from crucible_jax.common_types import IMAGE, MODALITIES, present_key
+from crucible_jax.models.converter import caption_tokens
 from crucible_jax.train import losses
 
-HEADS = ("embed", "pretrain", "vqa", "tagging", "asr", "fused")  # model heads, in a fixed order
+HEADS = ("embed", "pretrain", "vqa", "tagging", "asr", "fused", "caption", "imagine")  # model heads, in a fixed order
 LOSS_KINDS = ("clip", "siglip")
 
 Outputs = Mapping[str, Any]
@@ -116,6 +119,35 @@ def _fused_term(outputs, batch):
   return loss, {"acc/fused": string_accuracy(logits, batch["digits"], batch["num_digits"], weight)}
 
 
+def _caption_term(modality: str, key: str) -> TermFn:
+  """Teacher-forced token cross-entropy of the canonical caption (mean over its tokens, padding masked)."""
+  def term(outputs, batch):
+    logits = _output(outputs, "caption_logits", key)
+    if modality not in logits:
+      raise ValueError(f"objective term {key!r}: {modality!r} is not in model.converter.caption_sources")
+    logits = logits[modality]
+    _, targets, mask = caption_tokens(batch["digits"], batch["num_digits"], logits.shape[1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    per_sample = jnp.sum(ce * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
+    weight = sample_weight(batch) * modality_present(outputs, batch, modality)
+    exact = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~mask, axis=1).astype(jnp.float32)
+    return losses.weighted_mean(per_sample, weight), {f"acc/{key}": losses.weighted_mean(exact, weight)}
+  return term
+
+
+def _imagine_term(modality: str, key: str) -> TermFn:
+  """Pixel MSE of the image decoded from `modality`'s shared embedding against the sample's own image."""
+  def term(outputs, batch):
+    images = _output(outputs, "images", key)
+    if modality not in images:
+      raise ValueError(f"objective term {key!r}: {modality!r} is not in model.converter.image_sources")
+    error = jnp.square(images[modality].astype(jnp.float32) - batch[IMAGE].astype(jnp.float32))
+    weight = sample_weight(batch) * modality_present(outputs, batch, modality)
+    weight = weight * batch.get(present_key(IMAGE), jnp.ones_like(weight, bool))
+    return losses.weighted_mean(jnp.mean(error, axis=(1, 2, 3)), weight), {}
+  return term
+
+
 def _routing_term(name: str) -> TermFn:
   """The router's `<name>_loss` from `outputs['routing_aux']`; the budget term also reports per-modality usage."""
   def term(outputs, batch):
@@ -138,12 +170,15 @@ def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequenc
   family, _, rest = key.partition("/")
   if family == "pretrain" and rest in MODALITIES:
     return "pretrain", _pretrain_term(rest, key)
+  if family in ("caption", "imagine") and rest in MODALITIES:
+    return family, (_caption_term if family == "caption" else _imagine_term)(rest, key)
   if family == "contrastive":
     first, _, second = rest.partition("-")
     if first in MODALITIES and second in MODALITIES and first != second:
       return "embed", _contrastive_term(first, second, key, loss_kind, mesh, batch_axes)
   raise ValueError(f"unknown objective term {key!r}; expected pretrain/<m>, contrastive/<a>-<b> (m in "
-                   f"{MODALITIES}, a != b), vqa, tagging, asr, fused, routing/budget or routing/balance")
+                   f"{MODALITIES}, a != b), vqa, tagging, asr, fused, routing/budget, routing/balance, caption/<m> or "
+                   f"imagine/<m>")
 
 
 def build_objective(spec: Mapping[str, float], *, loss_kind: str = "clip", mesh: Mesh | None = None,

@@ -96,8 +96,10 @@ class Experiment:
 
     with jax.set_mesh(self.mesh):
       abstract = jax.eval_shape(make, self.abstract_params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, self.abstract_params),
-                                          self.param_shardings, transform_non_params=lambda _: self.replicated)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # a param outside an optax.multi_transform group (frozen)
+    opt_shardings = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s,
+                                          jax.eval_shape(tx.init, self.abstract_params), self.param_shardings,
+                                          transform_non_params=lambda _: self.replicated, is_leaf=masked)
     comp_shardings = compression.compression_state_shardings(self.abstract_params, method, self.mesh, **comp_args)
     shardings = abstract.replace(step=self.replicated, params=self.param_shardings, opt_state=opt_shardings,
                                  comp_state=comp_shardings, skipped=self.replicated,
