@@ -2,7 +2,8 @@
 
 `--config experiments/digit_world.py[:VARIANTS]`, VARIANTS a comma list of: tiny (the seconds-long test run),
 corrupted / imbalanced (data variants), single_stage (the ablation), no_cross_attention (the ablation),
-routed (the dynamic modality router on, every modality at 60% of the batch, routing losses in every stage).
+routed (the dynamic modality router on, every modality at 60% of the batch, routing losses in every stage),
+generate (a 4th stage training the caption and image decoders on the frozen aligned encoders).
 """
 
 import ml_collections
@@ -12,7 +13,7 @@ from crucible_jax.models import default_model_config
 from crucible_jax.train.curriculum import default_curriculum_config
 from crucible_jax.train.stages import as_single_stage
 
-VARIANTS = ("tiny", "corrupted", "imbalanced", "single_stage", "no_cross_attention", "routed")
+VARIANTS = ("tiny", "corrupted", "imbalanced", "single_stage", "no_cross_attention", "routed", "generate")
 PAIRS = (("image", "text"), ("text", "image"), ("audio", "image"), ("image", "audio"), ("video", "text"),
          ("text", "video"), ("audio", "text"))
 
@@ -31,6 +32,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = default_model_config()
   for family in ("image", "video", "audio", "text"):
     c.model[family].update(width=64, depth=2, heads=4, mlp=128)  # encoder width/depth/heads/MLP width
+  c.model.image.update(stem=(32, 64), patch=(4, 1))  # conv stem 16x64 -> 4x16 grid; one token per grid column
+  c.model.video.update(stem=(32, 64), tubelet=(2, 4, 4))  # per-frame stem 16x16 -> 4x4; a token per 2 frames
   c.model.joint_dim = 64  # shared embedding size
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # device mesh sizes; -1 fills the remaining devices
   c.sharding = dict(layout="dp")  # logical axis rules: dp | fsdp | fsdp_tp
@@ -49,12 +52,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   encoders = r"^(encoders|pools)_"  # param paths of the encoders and their order-aware read-outs
   c.stage_order = ("unimodal", "align", "joint")
   c.stages = dict(
-      unimodal=dict(steps=300, lr=2e-3, warmup=30, frozen=(), carry=(),  # steps, peak LR, warmup steps
+      unimodal=dict(steps=800, lr=3e-3, warmup=50, frozen=(), carry=(),  # steps, peak LR, warmup steps
                     objective={f"pretrain/{m}": 1.0 for m in ("image", "text", "audio", "video")}),
-      align=dict(steps=250, lr=1e-3, warmup=25, frozen=(), carry=(encoders,),
+      align=dict(steps=200, lr=1e-3, warmup=20, frozen=(), carry=(encoders,),
                  objective={"contrastive/image-text": 1.0, "contrastive/audio-image": 1.0,
                             "contrastive/video-text": 1.0, "contrastive/audio-text": 0.5}),
-      joint=dict(steps=350, lr=1e-3, warmup=35, frozen=(), carry=(".*",),
+      joint=dict(steps=300, lr=1e-3, warmup=30, frozen=(), carry=(".*",),
                  objective={"vqa": 1.0, "tagging": 1.0, "asr": 1.0, "fused": 1.0,
                             "contrastive/image-text": 0.5, "contrastive/audio-image": 0.5,
                             "contrastive/video-text": 0.5}),
@@ -71,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.fusion.cross_attention = False
   if "routed" in variants:
     _make_routed(c)
+  if "generate" in variants:
+    _make_generate(c, tiny="tiny" in variants)
   if "single_stage" in variants:
     as_single_stage(c)
   return c
@@ -83,11 +88,28 @@ def _make_tiny(c: ml_collections.ConfigDict) -> None:
   c.eval_batch_size = 64
   for family in ("image", "video", "audio", "text"):
     c.model[family].update(width=32, depth=1, heads=2, mlp=64)
+  c.model.image.update(stem=(8,), patch=(4, 4))
+  c.model.video.update(stem=(8,), tubelet=(2, 4, 4))
   c.model.joint_dim = 32
   c.log_every = 10
   c.checkpoint.every = 20
   for name, steps in (("unimodal", 30), ("align", 30), ("joint", 30)):
     c.stages[name].update(steps=steps, warmup=5)
+
+
+def _make_generate(c: ml_collections.ConfigDict, tiny: bool) -> None:
+  """Stage 4 `generate`: only the converter's decoders learn (everything else frozen), from the joint params."""
+  conv = c.model.converter
+  conv.enabled = True
+  c.stage_order = (*c.stage_order, "generate")
+  c.stages.generate = dict(
+      steps=30 if tiny else 600, lr=2e-3, warmup=5 if tiny else 50,  # steps, peak LR, warmup steps
+      frozen=(r"^(?!(caption|image)_decoder)",), carry=(".*",),  # train the decoders only
+      objective={**{f"caption/{m}": 1.0 for m in conv.caption_sources},
+                 **{f"imagine/{m}": 1.0 for m in conv.image_sources}})
+  c.evals.caption = dict(sources=tuple(conv.caption_sources))  # exact-string accuracy and WER per source
+  c.evals.image_generation = dict(sources=("text", "audio"),  # recogniser accuracy of generated images
+                                  recognizer_steps=100 if tiny else 1500)  # recogniser training steps
 
 
 def _make_routed(c: ml_collections.ConfigDict, fraction: float = 0.6) -> None:

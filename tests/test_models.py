@@ -238,6 +238,29 @@ def test_audio_padding_beyond_lengths_does_not_change_valid_tokens():
   assert np.abs(tokens3[0] - tokens[0]).max() > 1e-3
 
 
+def test_conv_stems_pool_the_grid_before_patchifying():
+  cfg = default_model_config()
+  cfg.image.update(stem=(8, 16), patch=(4, 1))  # 16x64 -> 4x16 -> 16 column tokens
+  cfg.video.update(stem=(8,), tubelet=(2, 4, 4))  # 16x16 frames -> 8x8 -> 4 x 2 x 2 tubelets
+  cfg.audio.update(stem=(8,), patch_frames=4)  # 200 log-mel frames -> 100 -> 25 tokens
+  model, variables, _, encoded = _abstract(cfg)
+  assert {m: encoded[m][0].shape[1] for m in ("image", "video", "audio")} == {"image": 16, "video": 16, "audio": 25}
+  stem = nn.unbox(variables)["params"]["encoders_image"]["stem"]
+  assert stem["conv_1"]["kernel"].shape == (3, 3, 8, 16)
+  assert "stem" not in nn.unbox(variables)["params"]["encoders_text"]
+
+
+def test_attention_projections_are_initialised_with_the_embed_fan_in():
+  from crucible_jax.models.layers import HeadMerge, HeadProjection
+  width, heads = 256, 8
+  x = jnp.ones((1, 1, width))
+  for count in (1, 3):
+    kernel = nn.unbox(HeadProjection(heads, width // heads, count=count).init(KEY, x))["params"]["kernel"]
+    assert abs(float(jnp.std(kernel)) * math.sqrt(width) - 1.0) < 0.1, count  # lecun: var 1/fan_in, fan_in = embed
+  merge = nn.unbox(HeadMerge(width).init(KEY, jnp.ones((1, 1, heads, width // heads))))["params"]["kernel"]
+  assert abs(float(jnp.std(merge)) * math.sqrt(width) - 1.0) < 0.1
+
+
 @pytest.mark.parametrize(
     "edit, culprit",
     [
@@ -250,6 +273,11 @@ def test_audio_padding_beyond_lengths_does_not_change_valid_tokens():
         (lambda c: setattr(c.audio, "width", 64), "audio.width"),
         (lambda c: setattr(c.fusion, "question_len", 64), "fusion.question_len"),
         (lambda c: c.heads.__delattr__("num_answers"), "heads.num_answers"),
+        (lambda c: setattr(c.image, "stem", (8, 8, 8)), "image.patch"),  # 16x64 pooled thrice: 2x8, patch 4x4
+        (lambda c: setattr(c.image, "stem", (8, 0)), "image.stem"),
+        (lambda c: setattr(c.text, "stem", (8,)), "text.stem"),
+        (lambda c: c.audio.update(stem=(8,) * 6, patch_frames=1), "audio.n_mels"),
+        (lambda c: setattr(c.audio, "stem", (8,) * 6), "audio.seconds"),
     ],
 )
 def test_build_model_rejects_bad_configs_naming_the_key(edit, culprit):

@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
 from crucible_jax.models import balance as balance_lib
+from crucible_jax.models import converter as converter_lib
 from crucible_jax.models import encoders as enc
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock
 from crucible_jax.models.fusion import AdaptiveFusion
@@ -20,7 +21,7 @@ from crucible_jax.models.layers import Dtype, logical
 from crucible_jax.models.melspec import num_frames
 from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode, routing_spec
 
-ALL_HEADS: tuple[str, ...] = ("embed", "pretrain", "vqa", "tagging", "asr", "fused")
+ALL_HEADS: tuple[str, ...] = ("embed", "pretrain", "vqa", "tagging", "asr", "fused", *converter_lib.CONVERTER_HEADS)
 HEAD_MODALITIES: dict[str, tuple[str, ...]] = {"vqa": (IMAGE, TEXT), "tagging": (AUDIO,), "asr": (AUDIO,)}
 HEAD_INPUTS: dict[str, tuple[str, ...]] = {"vqa": (IMAGE,), "tagging": (AUDIO,), "asr": (AUDIO,)}  # else: all
 DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -36,6 +37,7 @@ class TowerSpec:
   heads: int
   mlp: int
   dtype: Dtype
+  stem: tuple[int, ...] = ()  # conv stem channels (image, video, audio); () = linear patch embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ class ModelConfig:
   param_dtype: Dtype
   routing: RoutingSpec | None = None  # dynamic modality routing; None = every present modality is encoded
   balance: balance_lib.BalanceSpec = balance_lib.BalanceSpec()  # gradient balancing before fusion (OGM-GE)
+  converter: converter_lib.ConverterSpec | None = None  # caption/image decoders (cross-modal generation); None = off
 
   def tower(self, modality: str) -> TowerSpec:
     """The encoder spec of an active modality."""
@@ -113,12 +116,16 @@ class CrucibleModel(nn.Module):
     self.fused_head = ClassifierHead(c.max_digits * DIGIT_CLASSES, **head_kw)
     if c.routing is not None:
       self.router = c.routing.router()
+    if c.converter is not None:
+      self.caption_decoder, self.image_decoder = converter_lib.make_decoders(c.converter, c.dtype, c.param_dtype)
 
   @property
   def available_heads(self) -> tuple[str, ...]:
     """Heads whose modalities are all active; other heads are skipped silently."""
     active = set(self.config.modalities)
-    return tuple(h for h in ALL_HEADS if set(HEAD_MODALITIES.get(h, ())) <= active)
+    generation = self.config.converter is not None
+    return tuple(h for h in ALL_HEADS if set(HEAD_MODALITIES.get(h, ())) <= active
+                 and (generation or h not in converter_lib.CONVERTER_HEADS))
 
   def _make_encoder(self, modality: str) -> nn.Module:
     c, spec = self.config, self.config.tower(modality)
@@ -126,6 +133,8 @@ class CrucibleModel(nn.Module):
         width=spec.width, depth=spec.depth, num_heads=spec.heads, mlp_dim=spec.mlp,
         dtype=spec.dtype, param_dtype=c.param_dtype,
     )
+    if modality != TEXT:
+      kw["stem"] = spec.stem
     if modality == IMAGE:
       return enc.ImageEncoder(patch=c.image_patch, **kw)
     if modality == VIDEO:
@@ -212,6 +221,8 @@ class CrucibleModel(nn.Module):
         features, out["balance_coeffs"] = self._ogm_ge(batch, pooled, present)
       fused, out["fusion_weights"] = self.fusion(features, present)
       out["fused_logits"] = self.fused_head(fused).reshape(digits_shape)
+    if set(heads) & set(converter_lib.CONVERTER_HEADS):
+      out.update(converter_lib.converter_outputs(self, batch, encoded, pooled, heads, train))
     return out
 
 
@@ -247,6 +258,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   image.channels = 1  # colour channels
   image.patch = (4, 4)  # (height, width) of one ViT patch, pixels
   image.width, image.depth, image.heads, image.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
+  image.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
 
   cfg.video = video = ml_collections.ConfigDict()
   video.frames = 8  # frames per clip
@@ -254,6 +266,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   video.channels = 1  # colour channels
   video.tubelet = (2, 4, 4)  # (frames, height, width) of one tubelet token
   video.width, video.depth, video.heads, video.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
+  video.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
 
   cfg.audio = audio = ml_collections.ConfigDict()
   audio.sample_rate = 8000  # waveform samples per second, Hz
@@ -263,6 +276,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   audio.n_mels = 32  # mel bins
   audio.patch_frames = 4  # log-mel frames per audio token
   audio.width, audio.depth, audio.heads, audio.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
+  audio.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
 
   cfg.text = text = ml_collections.ConfigDict()
   text.vocab_size = 259  # token ids, 0 = padding (byte tokenizer)
@@ -288,6 +302,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   routing.groups = 1  # batch blocks routed independently (count); Experiment sets it to the data-shard count
 
   cfg.balance = balance_lib.default_balance_config()  # modality-imbalance gradient balancing (OGM-GE), off by default
+  cfg.converter = converter_lib.default_converter_config()  # cross-modal generation decoders, off by default
   return cfg
 
 
@@ -315,12 +330,15 @@ def _positive(cfg: ml_collections.ConfigDict, path: str) -> int:
   return value
 
 
-def _divides(cfg: ml_collections.ConfigDict, sizes: tuple[str, ...], parts: str) -> tuple[int, ...]:
-  """The `parts` tuple, after checking it divides the sizes at the `sizes` paths elementwise."""
+def _divides(cfg: ml_collections.ConfigDict, sizes: tuple[str, ...], parts: str,
+             stem_stride: tuple[int, ...] | None = None) -> tuple[int, ...]:
+  """The `parts` tuple, after checking it divides the sizes at the `sizes` paths (x the stem's stride) elementwise."""
   size = sum((tuple(v) if isinstance(v, (tuple, list)) else (v,) for v in map(lambda k: _get(cfg, k), sizes)), ())
   part = tuple(_get(cfg, parts))
-  if len(size) != len(part) or any(p <= 0 or s % p for s, p in zip(size, part)):
-    raise ValueError(f"{' x '.join(sizes)}={size} is not divisible by {parts}={part}")
+  stride = stem_stride or (1,) * len(part)
+  if len(size) != len(part) or any(p <= 0 or s % (p * r) for s, p, r in zip(size, part, stride)):
+    stem = f" times the conv stem's pooling {stride}" if stem_stride else ""
+    raise ValueError(f"{' x '.join(sizes)}={size} is not divisible by {parts}={part}{stem}")
   return part
 
 
@@ -329,7 +347,12 @@ def _tower(cfg: ml_collections.ConfigDict, m: str) -> TowerSpec:
   if width % heads:
     raise ValueError(f"{m}.width={width} is not divisible by {m}.heads={heads}")
   dtype = _dtype(cfg, f"{m}.dtype") if "dtype" in cfg[m] else _dtype(cfg, "dtype")
-  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype)
+  stem = tuple(cfg[m].get("stem", ()))
+  if m == TEXT and stem:
+    raise ValueError(f"text.stem={stem}: only image, video and audio encoders take a conv stem")
+  if any(isinstance(f, bool) or not isinstance(f, int) or f <= 0 for f in stem):
+    raise ValueError(f"{m}.stem={stem} must be a tuple of positive channel counts")
+  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem)
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
@@ -343,10 +366,11 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
   if len(set(widths.values())) > 1:
     raise ValueError(f"adaptive fusion needs one width for all active modalities, got {widths}")
   patch, tubelet = (1, 1), (1, 1, 1)
+  stride = {m: 2 ** len(t.stem) for m, t in towers}  # each conv stem stage halves height and width
   if IMAGE in modalities:
-    patch = _divides(cfg, ("image.size",), "image.patch")
+    patch = _divides(cfg, ("image.size",), "image.patch", (stride[IMAGE],) * 2)
   if VIDEO in modalities:
-    tubelet = _divides(cfg, ("video.frames", "video.size"), "video.tubelet")
+    tubelet = _divides(cfg, ("video.frames", "video.size"), "video.tubelet", (1,) + (stride[VIDEO],) * 2)
   frontend = ()
   if AUDIO in modalities:
     keys = ("sample_rate", "n_fft", "hop", "n_mels", "patch_frames")
@@ -354,9 +378,12 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
     a = dict(frontend)
     if a["n_fft"] < a["hop"]:
       raise ValueError(f"audio.n_fft={a['n_fft']} must be at least audio.hop={a['hop']}")
-    frames = num_frames(int(_get(cfg, "audio.seconds") * a["sample_rate"]), a["hop"])
+    frames = num_frames(int(_get(cfg, "audio.seconds") * a["sample_rate"]), a["hop"]) // stride[AUDIO]
     if frames < a["patch_frames"]:
-      raise ValueError(f"audio.seconds={cfg.audio.seconds} gives {frames} frames, fewer than audio.patch_frames")
+      raise ValueError(f"audio.seconds={cfg.audio.seconds} gives {frames} frames (after the conv stem's pooling), "
+                       f"fewer than audio.patch_frames")
+    if a["n_mels"] < stride[AUDIO]:
+      raise ValueError(f"audio.n_mels={a['n_mels']} is smaller than the conv stem's pooling {stride[AUDIO]}")
   text_vocab = (0, 0)
   if TEXT in modalities:
     text_vocab = (_positive(cfg, "text.vocab_size"), _positive(cfg, "text.max_len"))
@@ -373,6 +400,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
       max_digits=_positive(cfg, "heads.max_digits"), num_answers=_positive(cfg, "heads.num_answers"),
       num_tags=_positive(cfg, "heads.num_tags"), dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),
       routing=routing_spec(cfg.get("routing"), modalities), balance=balance_lib.balance_spec(cfg.get("balance")),
+      converter=converter_lib.converter_spec(cfg.get("converter"), modalities, tuple(_get(cfg, "image.size")),
+                                             _get(cfg, "image.channels"), _positive(cfg, "heads.max_digits")),
   ))
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from crucible_jax.common_types import EMBED, LENGTH, PATCH, VOCAB
-from crucible_jax.models.layers import TOKENS, Dtype, Transformer, dense, logical
+from crucible_jax.models.layers import TOKENS, Dtype, Transformer, default_kernel_init, dense, logical
 from crucible_jax.models.melspec import log_mel_spectrogram
 
 Encoded = tuple[Float[Array, "b n d"], Bool[Array, "b n"]]
@@ -40,15 +40,47 @@ class PositionalTransformer(nn.Module):
     )(x, mask)
 
 
+class ConvStem(nn.Module):
+  """Per stage a 3x3 conv, gelu and 2x2 max-pool over [N, H, W, C]: the locality and shift tolerance a small ViT lacks.
+
+  "Early convolutions help transformers see better" (Xiao et al., 2021): a plain patch-embedding ViT barely learns to
+  read jittered handwriting in the few hundred steps of the default run (BUILD_NOTES). Each stage halves height and
+  width (floor), so patch sizes apply to the pooled grid.
+  """
+
+  features: tuple[int, ...]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "n h w c"]) -> Float[Array, "n h w f"]:
+    x = x.astype(self.dtype)
+    for i, features in enumerate(self.features):
+      x = nn.gelu(nn.Conv(
+          features, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=logical(default_kernel_init, (None, None, None, PATCH)),
+          bias_init=logical(nn.initializers.zeros_init(), (PATCH,)), name=f"conv_{i}",
+      )(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return x
+
+
 class _Tower(nn.Module):
-  """Fields shared by every encoder: a Transformer tower of `width` x `depth`."""
+  """Fields shared by every encoder: an optional conv stem and a Transformer tower of `width` x `depth`."""
 
   width: int
   depth: int
   num_heads: int
   mlp_dim: int
+  stem: tuple[int, ...] = ()  # conv stem channels per stage (3x3 conv + 2x2 max-pool); () = plain ViT patches
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  def apply_stem(self, x: Float[Array, "n h w c"]) -> Float[Array, "n h w f"]:
+    """The conv stem over 2-D inputs (identity without one)."""
+    if not self.stem:
+      return x
+    return ConvStem(self.stem, dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(x)
 
   def encode_patches(self, patches: Float[Array, "b n p"], mask: Bool[Array, "b n"]) -> Float[Array, "b n d"]:
     """Project flat patches to `width` and run the positional Transformer."""
@@ -68,8 +100,12 @@ class ImageEncoder(_Tower):
   @nn.compact
   def __call__(self, images: Float[Array, "b h w c"]) -> Encoded:
     ph, pw = self.patch
-    if images.ndim != 4 or images.shape[1] % ph or images.shape[2] % pw:
-      raise ValueError(f"image batch {images.shape} is not [B, H, W, C] divisible by patch {self.patch}")
+    if images.ndim != 4:
+      raise ValueError(f"image batch {images.shape} is not [B, H, W, C]")
+    images = self.apply_stem(images)
+    if images.shape[1] % ph or images.shape[2] % pw:
+      raise ValueError(f"image grid {images.shape[1:3]} (after a {len(self.stem)}-stage stem) is not divisible by "
+                       f"patch {self.patch}")
     patches = einops.rearrange(images, "b (h ph) (w pw) c -> b (h w) (ph pw c)", ph=ph, pw=pw)
     mask = jnp.ones(patches.shape[:2], bool)
     return self.encode_patches(patches, mask), mask
@@ -83,8 +119,13 @@ class VideoEncoder(_Tower):
   @nn.compact
   def __call__(self, video: Float[Array, "b f h w c"]) -> Encoded:
     t, ph, pw = self.tubelet
-    if video.ndim != 5 or video.shape[1] % t or video.shape[2] % ph or video.shape[3] % pw:
-      raise ValueError(f"video batch {video.shape} is not [B, F, H, W, C] divisible by tubelet {self.tubelet}")
+    if video.ndim != 5:
+      raise ValueError(f"video batch {video.shape} is not [B, F, H, W, C]")
+    frames = self.apply_stem(einops.rearrange(video, "b f h w c -> (b f) h w c"))
+    video = einops.rearrange(frames, "(b f) h w c -> b f h w c", b=video.shape[0])
+    if video.shape[1] % t or video.shape[2] % ph or video.shape[3] % pw:
+      raise ValueError(f"video grid {video.shape[1:4]} (after a {len(self.stem)}-stage stem) is not divisible by "
+                       f"tubelet {self.tubelet}")
     patches = einops.rearrange(
         video, "b (f t) (h ph) (w pw) c -> b (f h w) (t ph pw c)", t=t, ph=ph, pw=pw
     )
@@ -120,6 +161,9 @@ class AudioEncoder(_Tower):
         wave, lengths, sample_rate=self.sample_rate, n_fft=self.n_fft, hop=self.hop, n_mels=self.n_mels
     )
     log_mel = normalize_per_utterance(log_mel, frame_mask)
+    if self.stem:  # the spectrogram as a one-channel (time x mel) image; a pooled frame is valid if its first is
+      log_mel = einops.rearrange(self.apply_stem(log_mel[..., None]), "b f m c -> b f (m c)")
+      frame_mask = frame_mask[:, :: 2 ** len(self.stem)][:, : log_mel.shape[1]]
     tokens = log_mel.shape[1] // self.patch_frames
     if tokens == 0:
       raise ValueError(f"audio of {wave.shape[1]} samples is shorter than one patch of {self.patch_frames} frames")

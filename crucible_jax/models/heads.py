@@ -8,6 +8,9 @@ from crucible_jax.common_types import CLASSES, EMBED, JOINT
 from crucible_jax.models.layers import Dtype, Mlp, MultiHeadAttention, dense, layer_norm, logical
 
 L2_EPS = 1e-12
+# O(1) queries: at ViT's usual 0.02 every slot attends uniformly at init, so the slots start (and for hundreds of
+# steps stay) alike; order-aware read-out needs them to look at different places from the first step.
+QUERY_INIT_STD = 1.0
 
 
 def masked_mean_pool(tokens: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b d"]:
@@ -72,7 +75,7 @@ class QueryPool(nn.Module):
   def __call__(self, tokens: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b q d"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = tokens.shape[-1]
-    queries = self.param("queries", logical(nn.initializers.normal(0.02), (None, EMBED)),
+    queries = self.param("queries", logical(nn.initializers.normal(QUERY_INIT_STD), (None, EMBED)),
                          (self.num_queries, width), self.param_dtype)
     queries = jnp.broadcast_to(queries.astype(self.dtype), (tokens.shape[0], self.num_queries, width))
     context = layer_norm(name="ln_tokens", **kw)(tokens)

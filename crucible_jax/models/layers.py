@@ -81,7 +81,9 @@ class HeadProjection(nn.Module):
     stacked = self.count > 1
     shape = (x.shape[-1], *((self.count,) if stacked else ()), self.num_heads, self.head_dim)
     names = (EMBED, *((None,) if stacked else ()), HEADS, KV)
-    kernel = self.param("kernel", logical(default_kernel_init, names), shape, self.param_dtype)
+    # fan-in is the embed axis alone: lecun_normal's default axes would count heads (and count) as fan-in too
+    init = nn.initializers.lecun_normal(in_axis=0, out_axis=tuple(range(1, len(shape))))
+    kernel = self.param("kernel", logical(init, names), shape, self.param_dtype)
     bias = self.param("bias", logical(nn.initializers.zeros_init(), names[1:]), shape[1:], self.param_dtype)
     spec = "bld,dthk->tblhk" if stacked else "bld,dhk->blhk"
     y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
@@ -98,7 +100,7 @@ class HeadMerge(nn.Module):
 
   @nn.compact
   def __call__(self, x: Float[Array, "b l h k"]) -> Float[Array, "b l d"]:
-    kernel = self.param("kernel", logical(default_kernel_init, (HEADS, KV, EMBED)),
+    kernel = self.param("kernel", logical(nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), (HEADS, KV, EMBED)),
                         (x.shape[-2], x.shape[-1], self.width), self.param_dtype)
     bias = self.param("bias", logical(nn.initializers.zeros_init(), (EMBED,)), (self.width,), self.param_dtype)
     y = jnp.einsum("blhk,hkd->bld", x.astype(self.dtype), kernel.astype(self.dtype))

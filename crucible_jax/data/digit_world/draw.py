@@ -13,6 +13,7 @@ ASSET_DIR = pathlib.Path(__file__).parent / "assets" / "spoken_digits"
 GLYPH_SCALE = (1.0, 1.75)  # upscaling of the 8x8 handwritten images on the canvas
 VIDEO_SCALE = (1.0, 1.5)  # upscaling in video frames (16x16), leaving room to move
 SPEED = (0.9, 1.1)  # speaking-rate perturbation (np.interp resampling)
+SPEED_STEPS = 21  # speaking rates are quantised to this many values over SPEED (0.01 apart), so clips are cached
 GAP_SECONDS = (0.05, 0.25)  # silence before each spoken digit
 CLIP_GAIN = (0.8, 1.0)  # per-digit loudness variation
 UTTERANCE_GAIN = (0.5, 1.0)  # whole-utterance loudness
@@ -36,42 +37,78 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return _resize_matrix(image.shape[0], height) @ image @ _resize_matrix(image.shape[1], width).T
 
 
-def glyph(pixels: np.ndarray, rng: np.random.Generator, *, scale: tuple[float, float], easy: bool) -> np.ndarray:
-  """One augmented handwritten digit in [0, 1]: upscaled, stroke width and intensity varied."""
-  image = pixels.astype(np.float32) / 16.0
+def _clip_unit(array: np.ndarray) -> np.ndarray:
+  """Clip to [0, 1] in place with two ufuncs (np.clip's Python wrapper costs more than the work here)."""
+  return np.minimum(np.maximum(array, 0.0, out=array), 1.0, out=array)
+
+
+def _dilate3(image: np.ndarray) -> np.ndarray:
+  """3x3 max filter (zero border) as two separable passes of shifted maxima: a bolder pen."""
+  out = image.copy()
+  np.maximum(out[1:], image[:-1], out=out[1:])
+  np.maximum(out[:-1], image[1:], out=out[:-1])
+  rows = out.copy()
+  np.maximum(out[:, 1:], rows[:, :-1], out=out[:, 1:])
+  np.maximum(out[:, :-1], rows[:, 1:], out=out[:, :-1])
+  return out
+
+
+def glyph(image: np.ndarray, draws: np.ndarray | None, *, scale: tuple[float, float], easy: bool) -> np.ndarray:
+  """One augmented handwritten digit in [0, 1] from an 8x8 `image` in [0, 1]: upscaled, stroke width and ink varied.
+
+  `draws` are 4 uniforms in [0, 1) (size, gamma, bold pen, ink), drawn by the caller in one call per sample;
+  `easy` ignores them (fixed 12x12, no augmentation).
+  """
   if easy:
-    size = 12
-    return np.clip(resize(image, size, size), 0.0, 1.0)
-  size = int(round(8 * rng.uniform(*scale)))
-  image = np.clip(resize(image, size, size), 0.0, 1.0) ** rng.uniform(0.7, 1.4)  # gamma < 1 thickens strokes
-  if rng.random() < 0.25:  # 3x3 dilation: bolder pen
-    padded = np.pad(image, 1)
-    image = np.max([padded[dy : dy + size, dx : dx + size] for dy in range(3) for dx in range(3)], axis=0)
-  return image * rng.uniform(0.75, 1.0)
+    return np.clip(resize(image, 12, 12), 0.0, 1.0)
+  u_size, u_gamma, u_bold, u_ink = draws.tolist()
+  size = int(round(8 * (scale[0] + (scale[1] - scale[0]) * u_size)))
+  mark = resize(image, size, size)
+  _clip_unit(mark)
+  np.power(mark, np.float32(0.7 + 0.7 * u_gamma), out=mark)  # gamma < 1 thickens strokes
+  if u_bold < 0.25:
+    mark = _dilate3(mark)
+  mark *= np.float32(0.75 + 0.25 * u_ink)
+  return mark
+
+
+def _unit_images(pixels: np.ndarray) -> np.ndarray:
+  """uint8 handwritten images (values 0..16) as float32 in [0, 1]."""
+  return np.asarray(pixels, np.float32) * np.float32(1.0 / 16.0)
 
 
 def draw_canvas(
     pixels: np.ndarray, num_digits: int, image_size: tuple[int, int], rng: np.random.Generator, *, easy: bool
 ) -> np.ndarray:
-  """(H, W, 1) canvas: digit k in slot k of H x H, the used slots centred, each glyph jittered in its slot."""
+  """(H, W, 1) canvas: digit k in the k-th H x H box from the left (a form's digit boxes), jittered in its box.
+
+  Fixed boxes make reading position k a local task, as on a form; with the used boxes centred, where digit k sits
+  would depend on the string's length.
+  """
   height, width = image_size
   slots = width // height
   if num_digits > slots:
     raise ValueError(f"image_size {image_size} has {slots} slots of {height}x{height}, "
                      f"too few for {num_digits} digits")
   canvas = np.zeros((height, width), np.float32)
-  first = (width - num_digits * height) // 2
+  images = _unit_images(pixels[:num_digits])
+  draws = None if easy else rng.random((num_digits, 6))  # per digit: 4 for the glyph, 2 for its position
   for k in range(num_digits):
-    mark = glyph(pixels[k], rng, scale=GLYPH_SCALE, easy=easy)
+    mark = glyph(images[k], None if easy else draws[k, :4], scale=GLYPH_SCALE, easy=easy)
     size = mark.shape[0]
     if size > height:
       raise ValueError(f"image height {height} is smaller than a {size}-pixel glyph")
-    top, left = ((height - size) // 2,) * 2 if easy else rng.integers(0, height - size + 1, size=2)
-    left += first + k * height
-    canvas[top : top + size, left : left + size] = np.maximum(canvas[top : top + size, left : left + size], mark)
+    if easy:
+      top = left = (height - size) // 2
+    else:
+      top, left = (int(u * (height - size + 1)) for u in draws[k, 4:].tolist())
+    left += k * height
+    region = canvas[top : top + size, left : left + size]
+    np.maximum(region, mark, out=region)
   if not easy:
-    canvas += 0.02 * rng.standard_normal(canvas.shape, dtype=np.float32)
-  return np.clip(canvas, 0.0, 1.0)[..., None]
+    canvas += np.float32(0.02) * audio_lib.noise_slice(height * width, rng).reshape(height, width)
+  _clip_unit(canvas)
+  return canvas[..., None]
 
 
 def draw_video(
@@ -84,17 +121,20 @@ def draw_video(
     raise ValueError(f"video_frames={frames} cannot show {max_digits} digits one after another")
   height, width = frame_size
   video = np.zeros((frames, height, width), np.float32)
+  images = _unit_images(pixels[:num_digits])
+  draws = rng.random((num_digits, 8))  # per digit: 4 for the glyph, 2 for its start, 2 for its velocity
   for k in range(num_digits):
-    mark = glyph(pixels[k], rng, scale=VIDEO_SCALE, easy=False)
+    mark = glyph(images[k], draws[k, :4], scale=VIDEO_SCALE, easy=False)
     size = mark.shape[0]
     if size > min(height, width):
       raise ValueError(f"video_size {frame_size} is smaller than a {size}-pixel glyph")
-    position = rng.integers(0, [height - size + 1, width - size + 1])
-    velocity = rng.integers(-1, 2, size=2)
-    for f in range(k * per_digit, (k + 1) * per_digit):
-      top, left = np.clip(position, 0, [height - size, width - size])
-      video[f, top : top + size, left : left + size] = mark
-      position = position + velocity
+    u_top, u_left, u_dy, u_dx = draws[k, 4:].tolist()
+    top0, left0 = int(u_top * (height - size + 1)), int(u_left * (width - size + 1))
+    dy, dx = int(u_dy * 3) - 1, int(u_dx * 3) - 1  # -1, 0 or +1 pixel per frame
+    for step in range(per_digit):  # at most frames/max_digits slice copies: cheaper than fancy indexing
+      top = min(max(top0 + dy * step, 0), height - size)
+      left = min(max(left0 + dx * step, 0), width - size)
+      video[k * per_digit + step, top : top + size, left : left + size] = mark
   return video[..., None]
 
 
@@ -126,6 +166,19 @@ def speaker_clips(sample_rate: int) -> tuple[tuple[np.ndarray, ...], ...]:
   return tuple(clips)
 
 
+@functools.lru_cache(maxsize=None)  # bounded: len(SPEAKERS) x 10 digits x SPEED_STEPS per sample rate
+def spoken_clip(sample_rate: int, speaker: int, digit: int, speed_step: int) -> tuple[np.ndarray, float]:
+  """(read-only clip, its energy sum(x^2)): `digit` by `speaker` at speed `speeds()[speed_step]`, cached per process."""
+  clip = audio_lib.resample_linear(speaker_clips(sample_rate)[speaker][digit], float(speeds()[speed_step]))
+  clip.flags.writeable = False
+  return clip, float(np.sum(clip.astype(np.float64) ** 2))
+
+
+def speeds() -> np.ndarray:
+  """The SPEED_STEPS speaking rates a spoken digit can have, evenly spaced over SPEED (both ends included)."""
+  return np.linspace(SPEED[0], SPEED[1], SPEED_STEPS)
+
+
 def worst_case_speech_seconds(sample_rate: int, num_digits: int) -> float:
   """Longest possible speech without gaps: the longest clip, `num_digits` times, at the slowest speed."""
   longest = max(len(clip) for clips in speaker_clips(sample_rate) for clip in clips)
@@ -137,27 +190,33 @@ def speak(
 ) -> tuple[np.ndarray, int]:
   """(waveform zero-padded to `length`, valid samples): the speaker's clips with gaps, speed, gain and noise.
 
-  Gaps shrink (all by one factor) when a long, slow utterance would overrun `length`; speech is never cut.
+  Gaps shrink (all by one factor) when a long, slow utterance would overrun `length`; speech is never cut. The
+  speed is one of `speeds()` (cached resampled clips); the noise is a slice of the process's noise bank.
   """
-  clips = speaker_clips(sample_rate)[speaker]
-  speed = rng.uniform(*SPEED)
-  pieces = [audio_lib.resample_linear(clips[d], speed) * rng.uniform(*CLIP_GAIN) for d in digits]
-  speech = sum(len(p) for p in pieces)
+  count = len(digits)
+  draws = rng.random(2 + 2 * count)  # speed, utterance gain, then per digit: clip gain, gap before it
+  speed_step = min(int(draws[0] * SPEED_STEPS), SPEED_STEPS - 1)
+  pieces = [spoken_clip(sample_rate, speaker, int(d), speed_step) for d in digits]
+  speech = sum(len(clip) for clip, _ in pieces)
   if speech > length:
-    raise ValueError(f"{len(digits)} spoken digits need {speech / sample_rate:.2f} s, "
+    raise ValueError(f"{count} spoken digits need {speech / sample_rate:.2f} s, "
                      f"more than audio_seconds={length / sample_rate:.2f}")
-  gaps = rng.uniform(*GAP_SECONDS, size=len(pieces)) * sample_rate
+  utterance_gain = UTTERANCE_GAIN[0] + (UTTERANCE_GAIN[1] - UTTERANCE_GAIN[0]) * draws[1]
+  gains = (CLIP_GAIN[0] + (CLIP_GAIN[1] - CLIP_GAIN[0]) * draws[2 : 2 + count]) * utterance_gain
+  gaps = (GAP_SECONDS[0] + (GAP_SECONDS[1] - GAP_SECONDS[0]) * draws[2 + count :]) * sample_rate
   gaps *= min(1.0, (length - speech) / gaps.sum())
-  gaps = np.floor(gaps).astype(np.int64)
-  valid = speech + int(gaps.sum())
-  utterance = np.zeros((valid,), np.float32)
-  cursor = 0
-  for gap, piece in zip(gaps, pieces):
-    cursor += gap
-    utterance[cursor : cursor + len(piece)] = piece
-    cursor += len(piece)
-  noise = rng.standard_normal(valid, dtype=np.float32)  # float32 draws: half the cost of float64 normals
-  noisy = audio_lib.mix_at_snr(utterance * rng.uniform(*UTTERANCE_GAIN), noise, snr_db)
+  gaps = np.floor(gaps).astype(np.int64).tolist()
+  valid = speech + sum(gaps)
   out = np.zeros((length,), np.float32)
-  out[:valid] = np.clip(noisy, -1.0, 1.0)
+  cursor, energy = 0, 0.0
+  for gap, (clip, clip_energy), gain in zip(gaps, pieces, gains.tolist()):
+    cursor += gap
+    np.multiply(clip, np.float32(gain), out=out[cursor : cursor + len(clip)])
+    cursor += len(clip)
+    energy += gain * gain * clip_energy
+  noise = audio_lib.noise_slice(valid, rng)
+  scale = audio_lib.snr_scale(energy / valid, float(np.dot(noise, noise)) / valid, snr_db)
+  head = out[:valid]
+  head += np.float32(scale) * noise
+  np.clip(head, -1.0, 1.0, out=head)
   return out, valid
