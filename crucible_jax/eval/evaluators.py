@@ -8,8 +8,9 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from crucible_jax.common_types import MODALITIES, present_key
+from crucible_jax.common_types import MODALITIES
 from crucible_jax.eval import metrics
+from crucible_jax.eval.rows import present_rows, real_rows
 from crucible_jax.eval.generation import CaptionEvaluator, ImageGenerationEvaluator
 
 NO_DIGIT = 10
@@ -27,18 +28,6 @@ class Evaluator(Protocol):
 
   def result(self) -> dict[str, float]:
     ...
-
-
-def _real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
-  """bool[B]: rows that are not padding."""
-  return np.asarray(batch["weight"]) > 0 if "weight" in batch else np.ones(len(batch["digits"]), bool)
-
-
-def _present(outputs: Mapping[str, Any], batch: Mapping[str, np.ndarray], modality: str) -> np.ndarray:
-  """bool[B]: the sample carries `modality` (data flag, and the model's flag when it reports one)."""
-  present = np.asarray(batch.get(present_key(modality), np.ones(len(batch["digits"]), bool)), bool)
-  encoded = outputs.get("present", {}).get(modality)
-  return present if encoded is None else present & np.asarray(encoded, bool)
 
 
 def _targets(batch: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -72,9 +61,9 @@ class RetrievalEvaluator:
     self._ids = {m: [] for m in self._embeddings}
 
   def update(self, outputs, batch):
-    real = _real_rows(batch)
+    real = real_rows(batch)
     for m in self._embeddings:
-      keep = real & _present(outputs, batch, m)
+      keep = real & present_rows(outputs, batch, m)
       self._embeddings[m].append(np.asarray(outputs["embeddings"][m], np.float32)[keep])
       self._ids[m].append(np.asarray(batch["string_id"])[keep])
 
@@ -100,7 +89,7 @@ class VqaEvaluator:
     self._correct, self._types = [], []
 
   def update(self, outputs, batch):
-    real = _real_rows(batch)
+    real = real_rows(batch)
     pred = np.argmax(np.asarray(outputs["vqa_logits"]), axis=-1)
     correct = (pred == np.asarray(batch["answer"])).astype(np.float64)
     if "answers" in batch:  # vocabulary indices of the human answers, -1 = padding (-2 = outside the vocabulary)
@@ -130,7 +119,7 @@ class TaggingEvaluator:
     self._scores, self._labels = [], []
 
   def update(self, outputs, batch):
-    keep = _real_rows(batch) & (_present(outputs, batch, self.modality) if self.modality else True)
+    keep = real_rows(batch) & (present_rows(outputs, batch, self.modality) if self.modality else True)
     logits = np.asarray(outputs["tag_logits"], np.float64)
     self._scores.append((1 / (1 + np.exp(-logits)))[keep])
     if "labels" in batch:  # multi-hot from the source (AudioSet's 527 classes)
@@ -154,7 +143,7 @@ class AsrEvaluator:
     self._refs, self._hyps = [], []
 
   def update(self, outputs, batch):
-    keep = _real_rows(batch) & _present(outputs, batch, self.modality)
+    keep = real_rows(batch) & present_rows(outputs, batch, self.modality)
     decoded = metrics.ctc_greedy_decode(outputs["ctc_logits"], outputs["ctc_mask"])
     digits, lengths = np.asarray(batch["digits"]), np.asarray(batch["num_digits"])
     for row in np.flatnonzero(keep):
@@ -187,7 +176,7 @@ class FusedEvaluator(_StringAccuracy):
   heads = ("fused",)
 
   def update(self, outputs, batch):
-    self._correct.append(self._score(outputs["fused_logits"], batch, _real_rows(batch)))
+    self._correct.append(self._score(outputs["fused_logits"], batch, real_rows(batch)))
 
   def result(self):
     return {"fused/accuracy": _mean(self._correct)} if _join(self._correct).size else {}
@@ -206,9 +195,9 @@ class PretrainEvaluator(_StringAccuracy):
     self._correct = {m: [] for m in self.modalities}
 
   def update(self, outputs, batch):
-    real = _real_rows(batch)
+    real = real_rows(batch)
     for m in self.modalities:
-      keep = real & _present(outputs, batch, m)
+      keep = real & present_rows(outputs, batch, m)
       self._correct[m].append(self._score(outputs["pretrain_logits"][m], batch, keep))
 
   def result(self):

@@ -22,20 +22,11 @@ import optax
 from crucible_jax.common_types import IMAGE, MODALITIES, present_key
 from crucible_jax.data import tokenizer
 from crucible_jax.eval import metrics
+from crucible_jax.eval.rows import present_rows, real_rows
 from crucible_jax.models.converter import caption_text
 
 NO_DIGIT = 10
 CLASSES = 11  # digits 0-9 and NO_DIGIT
-
-
-def _real_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
-  return np.asarray(batch["weight"]) > 0 if "weight" in batch else np.ones(len(batch["digits"]), bool)
-
-
-def _present(outputs: Mapping[str, Any], batch: Mapping[str, np.ndarray], modality: str) -> np.ndarray:
-  present = np.asarray(batch.get(present_key(modality), np.ones(len(batch["digits"]), bool)), bool)
-  encoded = outputs.get("present", {}).get(modality)
-  return present if encoded is None else present & np.asarray(encoded, bool)
 
 
 def digit_targets(digits: np.ndarray, num_digits: np.ndarray) -> np.ndarray:
@@ -62,13 +53,13 @@ class CaptionEvaluator:
     self._hyps = {m: [] for m in self.sources}
 
   def update(self, outputs, batch):
-    real = _real_rows(batch)
+    real = real_rows(batch)
     digits = np.asarray(batch["digits"])
     for m in self.sources:
       if m not in outputs["caption_ids"]:
         raise ValueError(f"caption evaluator: the model does not caption {m!r} (model.converter.caption_sources)")
       ids = np.asarray(outputs["caption_ids"][m])
-      for row in np.flatnonzero(real & _present(outputs, batch, m)):
+      for row in np.flatnonzero(real & present_rows(outputs, batch, m)):
         self._refs[m].append(caption_text(digits[row]))
         self._hyps[m].append(tokenizer.decode(ids[row]))
 
@@ -150,7 +141,7 @@ def load_or_train_recognizer(workdir: pathlib.Path, data: ml_collections.ConfigD
     return flax.serialization.from_bytes(template, (directory / "params.msgpack").read_bytes())
   images, targets = [], []
   for batch in pipeline.make_eval_batches(data, "train", batch_size=256):
-    real = _real_rows(batch) & np.asarray(batch.get(present_key(IMAGE), True), bool)
+    real = real_rows(batch) & np.asarray(batch.get(present_key(IMAGE), True), bool)
     images.append(np.asarray(batch[IMAGE])[real])
     targets.append(digit_targets(batch["digits"], batch["num_digits"])[real])
     if sum(len(x) for x in images) >= examples:
@@ -185,10 +176,10 @@ class ImageGenerationEvaluator:
   def update(self, outputs, batch):
     if self.recognizer is None:
       raise ValueError("image_generation evaluator: call attach(workdir=, data=, split=) first (the trainer does)")
-    real, targets = _real_rows(batch), digit_targets(batch["digits"], batch["num_digits"])
+    real, targets = real_rows(batch), digit_targets(batch["digits"], batch["num_digits"])
     sources = {m: np.asarray(outputs["images"][m]) for m in self.sources}
     for m, images in (*sources.items(), ("real", np.asarray(batch[IMAGE]))):
-      keep = real & _present(outputs, batch, IMAGE if m == "real" else m)
+      keep = real & present_rows(outputs, batch, IMAGE if m == "real" else m)
       exact = np.all(recognize(self.recognizer, images, self._max_digits) == targets, axis=1)
       self._correct[m].append(exact[keep])
     for row in np.flatnonzero(real):
