@@ -13,7 +13,7 @@ import jax
 import ml_collections
 
 from crucible_jax.bench.common import device_info, time_call
-from crucible_jax.bench.step import random_batch
+from crucible_jax.bench.step import stage_step_inputs
 from crucible_jax.train.setup import Experiment
 
 WORKER_SETTINGS = (0, 2)  # config.data.num_workers values measured (0 = render in the main process)
@@ -53,12 +53,7 @@ def step_rate(config: ml_collections.ConfigDict, *, steps: int) -> dict[str, Any
   """Samples/s of the last stage's compiled train step on random data (best of `steps` timed steps)."""
   experiment = Experiment(config)
   plan = experiment.plans[-1]
-  tx, *_ = experiment.stage_parts(plan)
-  _, make, shardings = experiment.state_layout(tx)
-  state = experiment.new_state(make, shardings, experiment.init_params(jax.random.key(config.seed)))
-  step = experiment.train_step(plan, shardings)
-  batch = jax.device_put(random_batch(experiment), experiment.batch_sharding)
-  rng = jax.random.key(1)
+  step, state, batch, rng = stage_step_inputs(experiment, plan, config.seed)
   with jax.set_mesh(experiment.mesh):
     start = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()

@@ -29,16 +29,20 @@ def random_batch(experiment: Experiment, seed: int = 0) -> dict[str, np.ndarray]
   return out
 
 
+def stage_step_inputs(experiment: Experiment, plan, seed: int) -> tuple[Any, Any, Any, jax.Array]:
+  """A stage's jitted train step with a fresh sharded state, a random batch on the mesh and an rng: what a timer needs."""
+  tx, *_ = experiment.stage_parts(plan)
+  _, make, shardings = experiment.state_layout(tx)
+  state = experiment.new_state(make, shardings, experiment.init_params(jax.random.key(seed)))
+  batch = jax.device_put(random_batch(experiment), experiment.batch_sharding)
+  return experiment.train_step(plan, shardings), state, batch, jax.random.key(1)
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Compile the first stage's train step, time it, and measure the machine's f32/bf16 matmul peak beside it."""
   experiment = Experiment(config)
   plan = experiment.plans[0]
-  tx, *_ = experiment.stage_parts(plan)
-  _, make, shardings = experiment.state_layout(tx)
-  state = experiment.new_state(make, shardings, experiment.init_params(jax.random.key(config.seed)))
-  step = experiment.train_step(plan, shardings)
-  batch = jax.device_put(random_batch(experiment), experiment.batch_sharding)
-  rng = jax.random.key(1)
+  step, state, batch, rng = stage_step_inputs(experiment, plan, config.seed)
   with jax.set_mesh(experiment.mesh):
     compiled = step.lower(state, batch, rng).compile()
     xla_flops = compiled_flops(compiled)

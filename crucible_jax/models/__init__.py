@@ -5,8 +5,8 @@ from crucible_jax.models.crucible import (
     CrucibleModel,
     ModelConfig,
     build_model,
-    default_model_config,
     example_batch,
 )
+from crucible_jax.models.defaults import default_model_config
 
 __all__ = ["ALL_HEADS", "CrucibleModel", "ModelConfig", "build_model", "default_model_config", "example_batch"]

@@ -245,67 +245,6 @@ class CrucibleModel(nn.Module):
     return balance_lib.apply_ogm_ge(pooled, coeffs, c.balance, self.make_rng("dropout")), coeffs
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-  """Tiny defaults that compile in seconds on a CPU; experiments override fields."""
-  cfg = ml_collections.ConfigDict()
-  cfg.modalities = ("image", "text", "audio", "video")  # active modalities, a subset of MODALITIES
-  cfg.joint_dim = 32  # width of the shared cross-modal embedding space (features)
-  cfg.dtype = "float32"  # compute dtype of heads and of encoders without their own `dtype` ("float32"/"bfloat16")
-  cfg.param_dtype = "float32"  # storage dtype of every param
-
-  cfg.image = image = ml_collections.ConfigDict()
-  image.size = (16, 64)  # (height, width) of input images, pixels
-  image.channels = 1  # colour channels
-  image.patch = (4, 4)  # (height, width) of one ViT patch, pixels
-  image.width, image.depth, image.heads, image.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
-  image.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
-
-  cfg.video = video = ml_collections.ConfigDict()
-  video.frames = 8  # frames per clip
-  video.size = (16, 16)  # (height, width) of a frame, pixels
-  video.channels = 1  # colour channels
-  video.tubelet = (2, 4, 4)  # (frames, height, width) of one tubelet token
-  video.width, video.depth, video.heads, video.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
-  video.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
-
-  cfg.audio = audio = ml_collections.ConfigDict()
-  audio.sample_rate = 8000  # waveform samples per second, Hz
-  audio.seconds = 4.0  # padded clip length, seconds
-  audio.n_fft = 512  # STFT window, samples
-  audio.hop = 160  # STFT hop, samples (one log-mel frame per hop)
-  audio.n_mels = 32  # mel bins
-  audio.patch_frames = 4  # log-mel frames per audio token
-  audio.width, audio.depth, audio.heads, audio.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
-  audio.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
-
-  cfg.text = text = ml_collections.ConfigDict()
-  text.vocab_size = 259  # token ids, 0 = padding (byte tokenizer)
-  text.max_len = 48  # longest caption or question, tokens
-  text.width, text.depth, text.heads, text.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
-
-  cfg.fusion = fusion = ml_collections.ConfigDict()
-  fusion.cross_attention = True  # VQA fuses question and image by cross-attention (False: concatenation ablation)
-  fusion.gated = True  # Flamingo tanh-gated residuals (identity at init)
-  fusion.cross_depth = 1  # bidirectional cross-attention blocks
-  fusion.question_len = 32  # VQA question length, tokens
-
-  cfg.heads = heads = ml_collections.ConfigDict()
-  heads.max_digits = 4  # longest digit string (positions predicted by pretrain/fused heads)
-  heads.num_answers = 48  # closed VQA answer vocabulary
-  heads.num_tags = 10  # audio tagging labels (which digits are spoken)
-
-  cfg.routing = routing = ml_collections.ConfigDict()
-  routing.enabled = False  # dynamic modality router: encode each modality only on its budgeted share of the batch
-  routing.budget = dict(image=1.0, text=1.0, audio=1.0, video=1.0)  # fraction of the batch encoded per modality
-  routing.temperature = 1.0  # softness of the straight-through sigmoid gate (score units)
-  routing.min_modalities = 1  # modalities every sample keeps, capacity allowing (count)
-  routing.groups = 1  # batch blocks routed independently (count); Experiment sets it to the data-shard count
-
-  cfg.balance = balance_lib.default_balance_config()  # modality-imbalance gradient balancing (OGM-GE), off by default
-  cfg.converter = converter_lib.default_converter_config()  # cross-modal generation decoders, off by default
-  return cfg
-
-
 def _get(cfg: ml_collections.ConfigDict, path: str) -> Any:
   """cfg at a dotted path, or ValueError naming the missing key."""
   node = cfg
