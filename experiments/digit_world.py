@@ -101,6 +101,7 @@ def _make_generate(c: ml_collections.ConfigDict, tiny: bool) -> None:
   """Stage 4 `generate`: only the converter's decoders learn (everything else frozen), from the joint params."""
   conv = c.model.converter
   conv.enabled = True
+  conv.image_target = "reference"  # prompts fix the digits, not the hand: draw them in the reference hand
   c.stage_order = (*c.stage_order, "generate")
   c.stages.generate = dict(
       steps=30 if tiny else 600, lr=2e-3, warmup=5 if tiny else 50,  # steps, peak LR, warmup steps

@@ -172,6 +172,42 @@ def test_converter_objective_terms(tiny_model):
     objectives.build_objective({"caption/audio": 1.0})[1](train_out, batch)
 
 
+def test_reference_images_draw_each_digit_in_its_box_and_leave_padding_blank():
+  glyphs = np.random.default_rng(0).random((10, 4, 4)).astype(np.float32)
+  images = np.asarray(converter.reference_images(glyphs, jnp.array([[3, 7, -1], [0, 0, 9]]), width=16))
+  assert images.shape == (2, 4, 16, 1)
+  np.testing.assert_array_equal(images[0, :, 0:4, 0], glyphs[3])
+  np.testing.assert_array_equal(images[0, :, 4:8, 0], glyphs[7])
+  np.testing.assert_array_equal(images[1, :, 8:12, 0], glyphs[9])
+  assert not images[0, :, 8:].any() and not images[1, :, 12:].any()  # padding digits and spare width stay blank
+  with pytest.raises(ValueError, match="do not fit"):
+    converter.reference_images(glyphs, jnp.zeros((1, 5), jnp.int32), width=16)
+
+
+def test_reference_glyphs_are_one_distinct_centred_digit_per_class():
+  from crucible_jax.data.digit_world.draw import reference_glyphs_of
+  config = load_experiment(f"{DIGIT_WORLD}:tiny,generate")
+  glyphs = reference_glyphs_of(config.data)
+  box = config.data.image_size[0]
+  assert glyphs.shape == (10, box, box) and glyphs.min() >= 0.0 and glyphs.max() <= 1.0
+  assert not glyphs[:, 0].any() and not glyphs[:, :, -1].any()  # centred: a blank margin
+  flat = glyphs.reshape(10, -1)
+  assert min(np.abs(flat[i] - flat[j]).sum() for i in range(10) for j in range(i)) > 1.0
+
+
+def test_imagine_term_targets_the_reference_hand_when_given_glyphs(tiny_model):
+  _, _, _, batch, train_out, _ = tiny_model
+  glyphs = np.random.default_rng(1).random((10,) + (batch["image"].shape[1],) * 2).astype(np.float32)
+  reference = converter.reference_images(glyphs, batch["digits"], batch["image"].shape[2])
+  objective = objectives.build_objective({"imagine/text": 1.0}, reference_glyphs=glyphs)[1]
+  drawn = lambda images: objective(dict(train_out, images={"text": images}), batch)[1]["loss/imagine/text"]
+  assert drawn(reference) == 0.0 and drawn(batch["image"]) > 0.01  # the sample's own image is no longer the target
+  bad = load_experiment(f"{DIGIT_WORLD}:tiny,generate")
+  bad.model.converter.image_target = "pixels"
+  with pytest.raises(ValueError, match="image_target='pixels'"):
+    build_model(bad.model)
+
+
 def test_generation_entry_points_and_disabled_converter(tiny_model):
   cfg, model, params, batch, _, eval_out = tiny_model
   ids = jax.jit(lambda p, b: model.apply({"params": p}, b, "image", method=converter.generate_caption))(params, batch)

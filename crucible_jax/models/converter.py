@@ -25,6 +25,7 @@ from crucible_jax.models.layers import (
 )
 
 CONVERTER_HEADS = ("caption", "imagine")
+IMAGE_TARGETS = ("sample", "reference")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 WORD_SLOT = 6  # tokens per digit in a caption: the longest word (5 bytes) plus a space / EOS
 IMAGE_UPSAMPLING = 4  # the image decoder's coarse grid is image.size / 4 (two stride-2 transposed convs)
@@ -39,6 +40,7 @@ def default_converter_config() -> ml_collections.ConfigDict:
   cfg.width, cfg.depth, cfg.heads, cfg.mlp = 64, 2, 4, 128  # text decoder features, blocks, heads, MLP features
   cfg.max_len = 24  # caption length incl. EOS, tokens (>= 6 x heads.max_digits)
   cfg.image_width = 64  # image decoder channels on the coarse grid (features)
+  cfg.image_target = "sample"  # imagine/<m> target: "sample" (its own image) or "reference" (digits, reference hand)
   cfg.beam_size = 1  # eval-time caption decoding: 1 = greedy, k > 1 = beam search of width k
   cfg.length_alpha = 0.0  # beam search length normalisation: score / length**alpha (0 = raw log-probability)
   return cfg
@@ -83,6 +85,8 @@ def converter_spec(cfg: ml_collections.ConfigDict | None, modalities: tuple[str,
   if cfg.max_len < WORD_SLOT * max_digits:
     raise ValueError(f"converter.max_len={cfg.max_len} is too short for {max_digits}-digit captions "
                      f"(needs {WORD_SLOT * max_digits})")
+  if cfg.get("image_target", "sample") not in IMAGE_TARGETS:
+    raise ValueError(f"converter.image_target={cfg.image_target!r} is not one of {IMAGE_TARGETS}")
   if any(s % IMAGE_UPSAMPLING for s in image_size):
     raise ValueError(f"image.size={tuple(image_size)} must be divisible by {IMAGE_UPSAMPLING} for the image decoder")
   return ConverterSpec(tuple(cfg.caption_sources), tuple(cfg.image_sources), cfg.width, cfg.depth, cfg.heads,
@@ -122,6 +126,18 @@ def caption_tokens(digits: Int[Array, "b d"], num_digits: Int[Array, "b"], max_l
   targets = targets.at[jnp.arange(batch), last].set(tokenizer.EOS, mode="drop")
   inputs = jnp.concatenate([jnp.full((batch, 1), tokenizer.BOS, jnp.int32), targets[:, :-1]], axis=1)
   return inputs, targets, jnp.arange(max_len)[None, :] < total[:, None]
+
+
+def reference_images(glyphs: Float[Array, "10 h h"], digits: Int[Array, "b d"], width: int
+                     ) -> Float[Array, "b h w 1"]:
+  """Digit k's reference glyph in the k-th h x h box from the left (DigitWorld's form layout), padding blank."""
+  batch, slots = digits.shape
+  box = glyphs.shape[-1]
+  if slots * box > width:
+    raise ValueError(f"{slots} digit boxes of {box} pixels do not fit an image {width} pixels wide")
+  drawn = jnp.where((digits >= 0)[..., None, None], jnp.asarray(glyphs)[jnp.clip(digits, 0, 9)], 0.0)
+  row = jnp.transpose(drawn, (0, 2, 1, 3)).reshape(batch, box, slots * box)
+  return jnp.pad(row, ((0, 0), (0, 0), (0, width - slots * box)))[..., None]
 
 
 # --- modules -----------------------------------------------------------------------------------------------------
@@ -215,6 +231,8 @@ class ImageDecoder(nn.Module):
   def __call__(self, embedding: Float[Array, "b j"]) -> Float[Array, "b h w c"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     height, width = (s // IMAGE_UPSAMPLING for s in self.image_size)
+    # A unit-norm embedding has components ~1/sqrt(J); rescaled to unit variance, fc1 starts at a useful scale.
+    embedding = embedding * np.sqrt(embedding.shape[-1]).astype(np.float32)
     x = nn.gelu(dense(4 * self.width, (JOINT, MLP), name="fc1", **kw)(embedding))
     x = dense(height * width * self.width, (MLP, EMBED), name="fc2", **kw)(x)
     x = layer_norm(name="ln_grid", **kw)(x.reshape(-1, height, width, self.width))

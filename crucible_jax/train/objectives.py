@@ -9,12 +9,13 @@ Every term's value is reported as `loss/<key>`, so a gradient-balancing scheme c
 from typing import Any, Callable, Mapping, Sequence
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
 from jaxtyping import Array
 
 from crucible_jax.common_types import IMAGE, MODALITIES, present_key
-from crucible_jax.models.converter import caption_tokens
+from crucible_jax.models.converter import caption_tokens, reference_images
 from crucible_jax.train import losses
 
 HEADS = ("embed", "pretrain", "vqa", "tagging", "asr", "fused", "caption", "imagine")  # model heads, in a fixed order
@@ -135,13 +136,16 @@ def _caption_term(modality: str, key: str) -> TermFn:
   return term
 
 
-def _imagine_term(modality: str, key: str) -> TermFn:
-  """Pixel MSE of the image decoded from `modality`'s shared embedding against the sample's own image."""
+def _imagine_term(modality: str, key: str, reference_glyphs: np.ndarray | None) -> TermFn:
+  """Pixel MSE of the image decoded from `modality`'s shared embedding against the sample's own image, or, given
+  `reference_glyphs` [10, H, H], against its digit string drawn in that reference hand (`reference_images`)."""
   def term(outputs, batch):
     images = _output(outputs, "images", key)
     if modality not in images:
       raise ValueError(f"objective term {key!r}: {modality!r} is not in model.converter.image_sources")
-    error = jnp.square(images[modality].astype(jnp.float32) - batch[IMAGE].astype(jnp.float32))
+    target = batch[IMAGE] if reference_glyphs is None else reference_images(
+        reference_glyphs, batch["digits"], batch[IMAGE].shape[2])
+    error = jnp.square(images[modality].astype(jnp.float32) - target.astype(jnp.float32))
     weight = sample_weight(batch) * modality_present(outputs, batch, modality)
     weight = weight * batch.get(present_key(IMAGE), jnp.ones_like(weight, bool))
     return losses.weighted_mean(jnp.mean(error, axis=(1, 2, 3)), weight), {}
@@ -159,7 +163,8 @@ def _routing_term(name: str) -> TermFn:
   return term
 
 
-def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequence[str]) -> tuple[str | None, TermFn]:
+def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequence[str],
+                reference_glyphs: np.ndarray | None) -> tuple[str | None, TermFn]:
   """(head, term function) for one spec key; ValueError naming the key if it is not understood."""
   fixed = {"vqa": ("vqa", _vqa_term), "tagging": ("tagging", _tagging_term), "asr": ("asr", _asr_term),
            "fused": ("fused", _fused_term),
@@ -170,8 +175,10 @@ def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequenc
   family, _, rest = key.partition("/")
   if family == "pretrain" and rest in MODALITIES:
     return "pretrain", _pretrain_term(rest, key)
-  if family in ("caption", "imagine") and rest in MODALITIES:
-    return family, (_caption_term if family == "caption" else _imagine_term)(rest, key)
+  if family == "caption" and rest in MODALITIES:
+    return family, _caption_term(rest, key)
+  if family == "imagine" and rest in MODALITIES:
+    return family, _imagine_term(rest, key, reference_glyphs)
   if family == "contrastive":
     first, _, second = rest.partition("-")
     if first in MODALITIES and second in MODALITIES and first != second:
@@ -182,16 +189,18 @@ def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequenc
 
 
 def build_objective(spec: Mapping[str, float], *, loss_kind: str = "clip", mesh: Mesh | None = None,
-                    batch_axes: Sequence[str] = ("data", "fsdp")) -> tuple[tuple[str, ...], ObjectiveFn]:
+                    batch_axes: Sequence[str] = ("data", "fsdp"), reference_glyphs: np.ndarray | None = None
+                    ) -> tuple[tuple[str, ...], ObjectiveFn]:
   """The model heads a weighted sum of loss terms needs, and fn(outputs, batch) -> (loss, metrics).
 
-  With `mesh`, contrastive terms use the ring-chunked losses over `batch_axes` (call fn under jit).
+  With `mesh`, contrastive terms use the ring-chunked losses over `batch_axes` (call fn under jit); with
+  `reference_glyphs`, `imagine/<m>` terms draw the digits in that reference hand instead of the sample's image.
   """
   if loss_kind not in LOSS_KINDS:
     raise ValueError(f"loss_kind {loss_kind!r} is not one of {LOSS_KINDS}")
   terms, used_heads = [], set()
   for key, weight in spec.items():
-    head, fn = _parse_term(key, loss_kind, mesh, batch_axes)
+    head, fn = _parse_term(key, loss_kind, mesh, batch_axes, reference_glyphs)
     weight = float(weight)
     if weight < 0:
       raise ValueError(f"objective term {key!r} has negative weight {weight}")

@@ -81,8 +81,19 @@ class Experiment:
     # loss already runs per shard inside the compressed-gradient shard_map.
     ring_mesh = self.mesh if self.config.compression.method == "none" else None
     heads, objective = objectives.build_objective(dict(plan.cfg.objective), loss_kind=self.config.loss_kind,
-                                                  mesh=ring_mesh)
+                                                  mesh=ring_mesh, reference_glyphs=self._reference_glyphs())
     return tx, frozen, heads, objective
+
+  def _reference_glyphs(self) -> Any:
+    """DigitWorld's reference glyphs when `model.converter.image_target` asks for them, else None."""
+    converter = self.config.model.get("converter")
+    if converter is None or not converter.enabled or converter.get("image_target", "sample") != "reference":
+      return None
+    if self.config.data.name != "digit_world":
+      raise ValueError(f"model.converter.image_target='reference' draws DigitWorld's digits; data.name is "
+                       f"{self.config.data.name!r}")
+    from crucible_jax.data.digit_world.draw import reference_glyphs_of  # pylint: disable=g-import-not-at-top
+    return reference_glyphs_of(self.config.data)
 
   def state_layout(self, tx: optax.GradientTransformation) -> tuple[TrainState, Callable, TrainState]:
     """(abstract state with shardings, `make(params) -> state`, state shardings)."""

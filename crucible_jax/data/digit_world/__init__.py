@@ -10,6 +10,7 @@ from crucible_jax.data.digit_world.templates import ANSWERS, QUESTION_TYPES
 
 _LAZY = {
     "SPLITS": "builder", "DigitWorld": "builder", "digit_world_source": "builder", "prepare_digit_world": "builder",
+    "reference_glyphs_of": "draw",
     "SPEAKERS": "draw", "VARIANTS": "render", "padding_sample": "render", "render_sample": "render",
 }
 

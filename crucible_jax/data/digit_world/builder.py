@@ -16,10 +16,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from crucible_jax.data.digit_world import templates
-from crucible_jax.data.digit_world.draw import SPEAKERS
+from crucible_jax.data.digit_world.draw import SPEAKERS, handwritten_image_splits
 
 SPLITS = ("train", "val", "test", "test_heldout_speaker")
-IMAGE_FRACTIONS = (0.70, 0.15)  # train, val; test gets the rest of each class's handwritten images
 _SPLIT_SIZE_KEYS = {"train": "train_size", "val": "val_size", "test": "test_size",
                     "test_heldout_speaker": "heldout_size"}
 _IMAGE_POOL_OF_SPLIT = {"train": "train", "val": "val", "test": "test", "test_heldout_speaker": "test"}
@@ -50,23 +49,6 @@ def _make_config(**fields: Any) -> DigitWorldConfig:
 
 _DEFAULT_CONFIG = _make_config(train_size=20000, val_size=2000, test_size=2000, heldout_size=2000,
                                max_digits=4, seed=0, heldout_speaker="fr_CA_f_June")
-
-
-def handwritten_image_splits(seed: int) -> dict[str, np.ndarray]:
-  """Disjoint indices into sklearn's 1,797 handwritten digits per split pool, ~70/15/15 within each class."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-
-  targets = load_digits().target
-  rng = np.random.default_rng([seed, 7919])
-  pools: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-  for digit in range(10):
-    members = rng.permutation(np.nonzero(targets == digit)[0])
-    n_train = int(round(IMAGE_FRACTIONS[0] * len(members)))
-    n_val = int(round(IMAGE_FRACTIONS[1] * len(members)))
-    pools["train"].append(members[:n_train])
-    pools["val"].append(members[n_train : n_train + n_val])
-    pools["test"].append(members[n_train + n_val :])
-  return {name: np.sort(np.concatenate(parts)) for name, parts in pools.items()}
 
 
 class DigitWorld(tfds.core.GeneratorBasedBuilder):

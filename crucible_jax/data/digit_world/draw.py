@@ -3,6 +3,7 @@
 import functools
 import pathlib
 
+import ml_collections
 import numpy as np
 
 from crucible_jax.data import audio as audio_lib
@@ -10,6 +11,7 @@ from crucible_jax.data import audio as audio_lib
 SPEAKERS = ("en_US_f_Allison", "es_MX_f_Allison", "fr_CA_f_June")
 ASSET_DIR = pathlib.Path(__file__).parent / "assets" / "spoken_digits"
 
+IMAGE_FRACTIONS = (0.70, 0.15)  # train, val; test gets the rest of each class's handwritten images
 GLYPH_SCALE = (1.0, 1.75)  # upscaling of the 8x8 handwritten images on the canvas
 VIDEO_SCALE = (1.0, 1.5)  # upscaling in video frames (16x16), leaving room to move
 SPEED = (0.9, 1.1)  # speaking-rate perturbation (np.interp resampling)
@@ -109,6 +111,54 @@ def draw_canvas(
     canvas += np.float32(0.02) * audio_lib.noise_slice(height * width, rng).reshape(height, width)
   _clip_unit(canvas)
   return canvas[..., None]
+
+
+def reference_glyphs(pixels: np.ndarray, labels: np.ndarray, box: int) -> np.ndarray:
+  """(10, box, box) glyphs, one per digit: the image nearest its class mean, drawn un-augmented in a box's centre.
+
+  The reference hand for generated images: a text or speech prompt says which digits to draw, never the writer's
+  stroke, size or jitter, so a decoder trained against the sample's own image can only learn their blurred mean.
+  """
+  images = _unit_images(pixels)
+  glyphs = np.zeros((10, box, box), np.float32)
+  for digit in range(10):
+    members = images[labels == digit]
+    if not len(members):
+      raise ValueError(f"no handwritten image of digit {digit} to draw its reference glyph from")
+    nearest = members[np.argmin(np.sum(np.square(members - members.mean(axis=0)), axis=(1, 2)))]
+    mark = glyph(nearest, None, scale=GLYPH_SCALE, easy=True)
+    if mark.shape[0] > box:
+      raise ValueError(f"image height {box} is smaller than a {mark.shape[0]}-pixel reference glyph")
+    offset = (box - mark.shape[0]) // 2
+    glyphs[digit, offset : offset + mark.shape[0], offset : offset + mark.shape[1]] = mark
+  return glyphs
+
+
+def handwritten_image_splits(seed: int) -> dict[str, np.ndarray]:
+  """Disjoint indices into sklearn's 1,797 handwritten digits per split pool, ~70/15/15 within each class."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  targets = load_digits().target
+  rng = np.random.default_rng([seed, 7919])
+  pools: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+  for digit in range(10):
+    members = rng.permutation(np.nonzero(targets == digit)[0])
+    n_train = int(round(IMAGE_FRACTIONS[0] * len(members)))
+    n_val = int(round(IMAGE_FRACTIONS[1] * len(members)))
+    pools["train"].append(members[:n_train])
+    pools["val"].append(members[n_train : n_train + n_val])
+    pools["test"].append(members[n_train + n_val :])
+  return {name: np.sort(np.concatenate(parts)) for name, parts in pools.items()}
+
+
+def reference_glyphs_of(data_cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """(10, H, H) reference glyphs (`draw.reference_glyphs`) from the train pool of handwritten images, H = image height."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  digits = load_digits()
+  train = handwritten_image_splits(int(data_cfg.seed))["train"]
+  return reference_glyphs(digits.images[train].astype(np.uint8), digits.target[train],
+                          int(data_cfg.image_size[0]))
 
 
 def draw_video(
