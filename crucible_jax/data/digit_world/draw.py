@@ -152,7 +152,7 @@ def handwritten_image_splits(seed: int) -> dict[str, np.ndarray]:
 
 
 def reference_glyphs_of(data_cfg: ml_collections.ConfigDict) -> np.ndarray:
-  """(10, H, H) reference glyphs (`draw.reference_glyphs`) from the train pool of handwritten images, H = image height."""
+  """(10, H, H) `reference_glyphs` from the train pool of handwritten images, H = the image height."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
   digits = load_digits()
