@@ -169,6 +169,12 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"stages.{name}: steps, lr and warmup must be ≥ 0")
     if stage.warmup > stage.steps:
       raise ConfigError(f"stages.{name}.warmup={stage.warmup} exceeds steps={stage.steps}")
+    route = stage.get("route", True)
+    if not isinstance(route, bool):
+      raise ConfigError(f"stages.{name}.route={route!r} must be true or false")
+    if not route and any(term.startswith("routing/") for term in stage.objective):
+      raise ConfigError(f"stages.{name}.route=False bypasses the router, but its objective has routing terms "
+                        f"{sorted(t for t in stage.objective if t.startswith('routing/'))}")
     for term in stage.objective:
       kind, _, rest = term.partition("/")
       needed = set(rest.split("-")) if kind == "contrastive" else {rest} if kind == "pretrain" else set()

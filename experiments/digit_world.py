@@ -114,11 +114,19 @@ def _make_generate(c: ml_collections.ConfigDict, tiny: bool) -> None:
 
 
 def _make_routed(c: ml_collections.ConfigDict, fraction: float = 0.6) -> None:
-  """Router on: each encoder sees `fraction` of the batch; budget/balance losses join every stage's objective."""
+  """Router on: each encoder sees `fraction` of the batch; budget/balance losses join every routed stage's objective.
+
+  Unimodal pretraining bypasses the router (`route=False`): it trains each encoder alone, and routing there would
+  only starve the encoders of samples (measured: the ablation table's routed run read at 0.36 joint accuracy when
+  every stage was routed).
+  """
   c.model.routing.enabled = True
   c.model.routing.budget.update({m: fraction for m in c.model.modalities})
   for name in c.stage_order:
-    c.stages[name].objective.update({"routing/budget": 1.0, "routing/balance": 0.1})  # loss weights
+    if name == "unimodal":
+      c.stages[name].route = False  # bypass the router: every encoder sees the whole batch
+    else:
+      c.stages[name].objective.update({"routing/budget": 1.0, "routing/balance": 0.1})  # loss weights
   c.routing_bench = dict(  # `crucible bench routing` knobs (see crucible_jax/bench/routing.py)
       budgets=(1.0, 0.75, 0.5, 0.35),  # per-modality batch fractions measured against routing off
       variants=("clean", "corrupted"),  # DigitWorld variants, one trained run each

@@ -1,8 +1,10 @@
 """The DigitWorld ablation table, sized to finish on a laptop-class CPU.
 
 `--config experiments/digit_world_ablations.py:VARIANT`, VARIANT one of: full (router on, cross-attention, three
-stages), no_cross_attention, no_routing, single_stage. Sizes (all variants): widths 32, depth 1, batch 32,
-4,000 train / 256 val / 512 test samples, stages 200 + 100 + 200 steps (single_stage: one stage of 500).
+stages), no_cross_attention, no_routing, single_stage. Sizes (all variants): the default run's encoders (width 64,
+depth 2, conv stems), batch 32, 4,000 train / 256 val / 512 test samples, stages 400 + 100 + 200 steps
+(single_stage: one stage of 700). Smaller encoders do not learn to read in that many steps, and an ablation of
+models that cannot read measures nothing.
 
 Run the whole table: `python experiments/digit_world_ablations.py --workdir W [--variants a,b] [--config.x=v ...]`
 (prints it beside the original claims and writes W/ablations.json; see crucible_jax/bench/ablations.py).
@@ -25,12 +27,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "full"
   if variant not in ABLATIONS:
     raise ValueError(f"unknown ablation {variant!r}; known: {ABLATIONS}")
-  c = digit_world.get_config("tiny,routed")
-  c.data.update(train_size=4000, val_size=256, test_size=512)  # samples per split
+  c = digit_world.get_config("routed")
+  c.data.update(train_size=4000, val_size=256, test_size=512, heldout_size=64)  # samples per split
   c.eval_batch_size = 128  # examples per eval step
   c.checkpoint.every = 1000  # steps between saves (only the final save matters here)
   c.log_every = 50  # steps between metric rows
-  for name, steps, warmup in (("unimodal", 200, 20), ("align", 100, 10), ("joint", 200, 20)):
+  for name, steps, warmup in (("unimodal", 400, 40), ("align", 100, 10), ("joint", 200, 20)):
     c.stages[name].update(steps=steps, warmup=warmup)
   c.evals = dict(retrieval=dict(pairs=digit_world.PAIRS), vqa={}, fused={})  # the joint tasks
   c.eval_splits = ("test",)  # evaluated at the end

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from crucible_jax.bench.common import compiled_flops
-from crucible_jax.config import load_experiment
+from crucible_jax.config import ConfigError, load_experiment, validate
 from crucible_jax.models import build_model, default_model_config, example_batch
 from crucible_jax.models.router import routing_spec
 from crucible_jax.train import objectives
@@ -127,6 +127,17 @@ def test_budget_one_reproduces_the_dense_model_bitwise(models, dense_eval, train
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
+def test_route_false_bypasses_the_router_and_equals_the_dense_model(models, dense_eval):
+  dense, half, _, variables = models
+  batch = _batch(3)
+  want = dense_eval(variables, batch, jax.random.key(6))
+  got = jax.jit(lambda v, b, r: half.apply(v, b, heads=HEADS, route=False, rngs={"routing": r}))(
+      variables, batch, jax.random.key(6))
+  assert set(got) == set(want)  # no routing_aux: the router did not run
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_routing_objective_terms_read_the_router_aux():
   aux = {"budget_loss": jnp.float32(0.25), "balance_loss": jnp.float32(0.5),
          "usage": {"image": jnp.float32(0.5), "text": jnp.float32(1.0)}}
@@ -149,3 +160,8 @@ def test_routing_config_is_validated_and_the_routed_experiment_builds():
   routed = load_experiment(f"{EXPERIMENTS / 'digit_world.py'}:tiny,routed", [])
   model = build_model(routed.model)
   assert model.config.routing is not None and "routing/budget" in routed.stages.joint.objective
+  assert routed.stages.unimodal.route is False and "routing/budget" not in routed.stages.unimodal.objective
+  with routed.unlocked():
+    routed.stages.unimodal.objective["routing/budget"] = 1.0
+  with pytest.raises(ConfigError, match="stages.unimodal.route=False"):
+    validate(routed)

@@ -146,14 +146,14 @@ class CrucibleModel(nn.Module):
 
   def encode(
       self, batch: Mapping[str, Array], train: bool = False, modalities: tuple[str, ...] | None = None,
-      plan: RoutePlan | None = None,
+      plan: RoutePlan | None = None, route: bool = True,
   ) -> dict[str, enc.Encoded]:
     """(tokens, token_mask) per modality (default: all active); the seam the modality router wraps.
 
-    With routing on, each encoder runs on its modality's static capacity only (`plan`, else the router is run
-    here) and skipped samples come back fully masked.
+    With routing on (and `route`), each encoder runs on its modality's static capacity only (`plan`, else the
+    router is run here) and skipped samples come back fully masked.
     """
-    if plan is None and self.config.routing is not None:
+    if plan is None and route and self.config.routing is not None:
       plan, _ = self.router(batch, train=train)
     encoded = {}
     for m in self.config.modalities if modalities is None else modalities:
@@ -178,18 +178,23 @@ class CrucibleModel(nn.Module):
     return self.vqa_head(jnp.concatenate([p.astype(self.config.dtype) for p in pooled], axis=-1))
 
   def __call__(
-      self, batch: Mapping[str, Array], *, train: bool = False, heads: tuple[str, ...] = ALL_HEADS
+      self, batch: Mapping[str, Array], *, train: bool = False, heads: tuple[str, ...] = ALL_HEADS,
+      route: bool = True,
   ) -> dict[str, Any]:
-    """Outputs of the requested heads that the active modalities allow (see `available_heads`)."""
+    """Outputs of the requested heads that the active modalities allow (see `available_heads`).
+
+    `route=False` bypasses a configured router (every present modality encoded, as with routing off): a stage that
+    trains the encoders alone should not starve them of samples.
+    """
     unknown = sorted(set(heads) - set(ALL_HEADS))
     if unknown:
       raise ValueError(f"unknown heads {unknown}; expected a subset of {ALL_HEADS}")
     c = self.config
     heads = tuple(h for h in heads if h in self.available_heads)
     needed = set().union(*(HEAD_INPUTS.get(h, c.modalities) for h in heads))
-    routing = self.router(batch, train=train) if c.routing is not None else None  # (plan, aux)
+    routing = self.router(batch, train=train) if c.routing is not None and route else None  # (plan, aux)
     plan = None if routing is None else routing[0]
-    encoded = self.encode(batch, train, tuple(m for m in c.modalities if m in needed), plan)
+    encoded = self.encode(batch, train, tuple(m for m in c.modalities if m in needed), plan, route)
     batch_size = len(_require(batch, c.modalities[0]))
     slots = {m: self.pools[m](*encoded[m]) for m in encoded}
     pooled = {m: x.reshape(batch_size, -1) for m, x in slots.items()}

@@ -134,7 +134,8 @@ class Experiment:
     tx, frozen, heads, objective = self.stage_parts(plan)
     method = self.config.compression.method
     # Inside the compressed-gradient shard_map every array is local: no sharding constraints there.
-    loss_fn = step_lib.make_loss_fn(self.model, objective, heads, frozen, self.rules if method == "none" else ())
+    loss_fn = step_lib.make_loss_fn(self.model, objective, heads, frozen, self.rules if method == "none" else (),
+                                    route=bool(plan.cfg.get("route", True)))
     grad_fn = None
     if method != "none":
       grad_fn = compression.make_compressed_value_and_grad(loss_fn, self.mesh, method,

@@ -28,13 +28,14 @@ def stop_frozen(params: Any, frozen: Any) -> Any:
 
 
 def make_loss_fn(model: nn.Module, objective: Objective, heads: tuple[str, ...], frozen: Any,
-                 rules: Rules = ()) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]:
-  """`loss_fn(params, batch, rng) -> (loss, metrics)` for one stage; activations constrained by `rules`."""
+                 rules: Rules = (), route: bool = True) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]:
+  """`loss_fn(params, batch, rng) -> (loss, metrics)` for one stage; activations constrained by `rules`;
+  `route=False` bypasses the model's router (the stage's `route` field)."""
 
   def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
     dropout_rng, router_rng = jax.random.split(rng)
     with nn.logical_axis_rules(rules):
-      outputs = model.apply({"params": stop_frozen(params, frozen)}, batch, train=True, heads=heads,
+      outputs = model.apply({"params": stop_frozen(params, frozen)}, batch, train=True, heads=heads, route=route,
                             rngs={"dropout": dropout_rng, "routing": router_rng})
     loss, metrics = objective(outputs, batch)
     return loss, metrics
