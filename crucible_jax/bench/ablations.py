@@ -32,16 +32,20 @@ def train_one(variant: str, workdir: pathlib.Path, overrides: Sequence[str]) -> 
   from crucible_jax.train.evaluate import evaluate_split
   config = load_experiment(f"{EXPERIMENT}:{variant}", list(overrides))
   trainer = Trainer(config, workdir)
-  curve: list[tuple[int, float]] = []
+  curve_file = workdir / "val_fused_curve.json"  # survives a resume: a finished run is not trained (or hooked) again
+  curve: list[tuple[int, float]] = [tuple(p) for p in json.loads(curve_file.read_text())] if curve_file.exists() else []
   fused_step = trainer.experiment.eval_step(("fused",))  # one jitted function: compiled once for the curve
 
   def val_hook(info) -> None:
     if "fused" not in dict(trainer.plans[-1].cfg.objective) or info.stage != trainer.plans[-1].name:
       return  # the fused head is trained only in the last stage; earlier it is untrained noise
+    if curve and info.global_step <= curve[-1][0]:
+      return  # already measured before the resume
     batches = data_lib.make_eval_batches(config.data, "val", batch_size=config.eval_batch_size)
     scores = evaluate_split(fused_step, info.state.params, batches, build_evaluators({"fused": {}}),
                             lambda b: data_lib.to_global_batch(b, trainer.experiment.batch_sharding))
     curve.append((info.global_step, scores["fused/accuracy"]))
+    curve_file.write_text(json.dumps(curve))
 
   trainer.add_hook(val_hook, every=int(config.ablation.eval_every))
   try:
@@ -100,7 +104,7 @@ def run_ablations(workdir: pathlib.Path, variants: Sequence[str], overrides: Seq
   rows = table(runs)
   print(f"{'ablation':<20} {'what':<48} {'claimed':>8} {'measured':>9}")
   for variant, row in rows.items():
-    measured = "n/a" if row["measured_%"] is None else f"{row['measured_%']:+.1f}%"
+    measured = "not reached" if row["measured_%"] is None else f"{row['measured_%']:+.1f}%"
     print(f"{variant:<20} {row['what']:<48} {row['claimed_%']:+.1f}% {measured:>9}")
   for variant, run in runs.items():
     print(variant, json.dumps(run["metrics"]), f"fwd {run['flops_per_sample']:.3g} FLOPs/sample")
