@@ -28,9 +28,8 @@ class Features:
 
 
 def _pooled(module: nn.Module, batch: Mapping[str, Array], modality: str) -> Float[Array, "b w"]:
-  """Mean-pooled tokens of one modality's encoder (deterministic, no routing noise)."""
-  encoded, _ = module.encode(batch, False, (modality,))  # (encoded, routing plan)
-  return masked_mean_pool(*encoded[modality])
+  """Mean-pooled tokens of one modality's encoder on every sample (deterministic, the router bypassed)."""
+  return masked_mean_pool(*module.encode(batch, False, (modality,), route=False)[modality])
 
 
 def extract_features(model: nn.Module, params: Any, batches: Iterable[Mapping[str, np.ndarray]], modality: str,
