@@ -116,6 +116,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_mesh(config)
   _validate_modalities(config)
   _validate_stages(config)
+  converter = config.model.get("converter")
+  if (converter is not None and converter.get("enabled", False) and converter.get("image_target") == "reference"
+      and config.data.get("name") != "digit_world"):
+    raise ConfigError(f"model.converter.image_target='reference' draws DigitWorld's digit strings; data.name is "
+                      f"{config.data.get('name')!r} (use 'sample')")
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:

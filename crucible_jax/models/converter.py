@@ -8,6 +8,7 @@ The model's `caption`/`imagine` heads call `converter_outputs`; `generate_captio
 """
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -232,7 +233,7 @@ class ImageDecoder(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     height, width = (s // IMAGE_UPSAMPLING for s in self.image_size)
     # A unit-norm embedding has components ~1/sqrt(J); rescaled to unit variance, fc1 starts at a useful scale.
-    embedding = embedding * np.sqrt(embedding.shape[-1]).astype(np.float32)
+    embedding = embedding * math.sqrt(embedding.shape[-1])  # a Python float: keeps the embedding's dtype
     x = nn.gelu(dense(4 * self.width, (JOINT, MLP), name="fc1", **kw)(embedding))
     x = dense(height * width * self.width, (MLP, EMBED), name="fc2", **kw)(x)
     x = layer_norm(name="ln_grid", **kw)(x.reshape(-1, height, width, self.width))

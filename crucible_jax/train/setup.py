@@ -4,6 +4,7 @@ The trainer and the benchmarks share it; it never imports the data pipeline, so 
 machine without grain or tfds.
 """
 
+import functools
 from typing import Any, Callable
 
 import re
@@ -81,17 +82,16 @@ class Experiment:
     # loss already runs per shard inside the compressed-gradient shard_map.
     ring_mesh = self.mesh if self.config.compression.method == "none" else None
     heads, objective = objectives.build_objective(dict(plan.cfg.objective), loss_kind=self.config.loss_kind,
-                                                  mesh=ring_mesh, reference_glyphs=self._reference_glyphs())
+                                                  mesh=ring_mesh, reference_glyphs=self._reference_glyphs)
     return tx, frozen, heads, objective
 
+  @functools.cached_property
   def _reference_glyphs(self) -> Any:
-    """DigitWorld's reference glyphs when `model.converter.image_target` asks for them, else None."""
+    """DigitWorld's reference glyphs when `model.converter.image_target` asks for them (config validation checked
+    the dataset), else None; built once, not per stage."""
     converter = self.config.model.get("converter")
     if converter is None or not converter.enabled or converter.get("image_target", "sample") != "reference":
       return None
-    if self.config.data.name != "digit_world":
-      raise ValueError(f"model.converter.image_target='reference' draws DigitWorld's digits; data.name is "
-                       f"{self.config.data.name!r}")
     from crucible_jax.data.digit_world.draw import reference_glyphs_of  # pylint: disable=g-import-not-at-top
     return reference_glyphs_of(self.config.data)
 
