@@ -32,8 +32,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = default_model_config()
   for family in ("image", "video", "audio", "text"):
     c.model[family].update(width=64, depth=2, heads=4, mlp=128)  # encoder width/depth/heads/MLP width
-  c.model.image.update(stem=(32, 64), patch=(4, 1))  # conv stem 16x64 -> 4x16 grid; one token per grid column
+  c.model.image.update(stem=(32, 64), patch=(4, 4))  # conv stem 16x64 -> 4x16 grid; one token per 16x16 digit box
   c.model.video.update(stem=(32, 64), tubelet=(2, 4, 4))  # per-frame stem 16x16 -> 4x4; a token per 2 frames
+  for family in ("image", "video"):  # positions as loud as the stem's features: the read-out finds digit k at once
+    c.model[family].pos_std = 0.5
   c.model.joint_dim = 64  # shared embedding size
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # device mesh sizes; -1 fills the remaining devices
   c.sharding = dict(layout="dp")  # logical axis rules: dp | fsdp | fsdp_tp

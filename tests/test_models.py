@@ -261,6 +261,18 @@ def test_attention_projections_are_initialised_with_the_embed_fan_in():
   assert abs(float(jnp.std(merge)) * math.sqrt(width) - 1.0) < 0.1
 
 
+def test_pos_std_sets_each_towers_positional_init_scale():
+  cfg = default_model_config()
+  cfg.modalities = ("image", "text")
+  cfg.image.pos_std, cfg.text.pos_std = 0.5, 0.02
+  model = build_model(cfg)
+  params = nn.unbox(jax.jit(lambda b: model.init(KEY, b, heads=("pretrain",)))(example_batch(cfg, B)))["params"]
+  ratio = 0.5 / 0.02
+  assert params["encoders_image"]["encoder"]["pos_embedding"].shape[0] > 1
+  stds = {m: float(jnp.std(params[f"encoders_{m}"]["encoder"]["pos_embedding"])) for m in ("image", "text")}
+  assert stds["image"] / stds["text"] == pytest.approx(ratio, rel=0.3)
+
+
 @pytest.mark.parametrize(
     "edit, culprit",
     [
@@ -278,6 +290,7 @@ def test_attention_projections_are_initialised_with_the_embed_fan_in():
         (lambda c: setattr(c.text, "stem", (8,)), "text.stem"),
         (lambda c: c.audio.update(stem=(8,) * 6, patch_frames=1), "audio.n_mels"),
         (lambda c: setattr(c.audio, "stem", (8,) * 6), "audio.seconds"),
+        (lambda c: setattr(c.video, "pos_std", 0.0), "video.pos_std"),
     ],
 )
 def test_build_model_rejects_bad_configs_naming_the_key(edit, culprit):

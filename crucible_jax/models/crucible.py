@@ -38,6 +38,7 @@ class TowerSpec:
   mlp: int
   dtype: Dtype
   stem: tuple[int, ...] = ()  # conv stem channels (image, video, audio); () = linear patch embedding
+  pos_std: float = 0.02  # init std of the learned positional embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +132,7 @@ class CrucibleModel(nn.Module):
     c, spec = self.config, self.config.tower(modality)
     kw = dict(
         width=spec.width, depth=spec.depth, num_heads=spec.heads, mlp_dim=spec.mlp,
-        dtype=spec.dtype, param_dtype=c.param_dtype,
+        pos_std=spec.pos_std, dtype=spec.dtype, param_dtype=c.param_dtype,
     )
     if modality != TEXT:
       kw["stem"] = spec.stem
@@ -296,7 +297,10 @@ def _tower(cfg: ml_collections.ConfigDict, m: str) -> TowerSpec:
     raise ValueError(f"text.stem={stem}: only image, video and audio encoders take a conv stem")
   if any(isinstance(f, bool) or not isinstance(f, int) or f <= 0 for f in stem):
     raise ValueError(f"{m}.stem={stem} must be a tuple of positive channel counts")
-  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem)
+  pos_std = cfg[m].get("pos_std", 0.02)
+  if isinstance(pos_std, bool) or not isinstance(pos_std, (int, float)) or pos_std <= 0:
+    raise ValueError(f"{m}.pos_std={pos_std!r} must be a positive number")
+  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem, float(pos_std))
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:

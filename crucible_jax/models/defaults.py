@@ -20,6 +20,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   image.patch = (4, 4)  # (height, width) of one ViT patch, pixels
   image.width, image.depth, image.heads, image.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   image.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
+  image.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
 
   cfg.video = video = ml_collections.ConfigDict()
   video.frames = 8  # frames per clip
@@ -28,6 +29,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   video.tubelet = (2, 4, 4)  # (frames, height, width) of one tubelet token
   video.width, video.depth, video.heads, video.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   video.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
+  video.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
 
   cfg.audio = audio = ml_collections.ConfigDict()
   audio.sample_rate = 8000  # waveform samples per second, Hz
@@ -38,11 +40,13 @@ def default_model_config() -> ml_collections.ConfigDict:
   audio.patch_frames = 4  # log-mel frames per audio token
   audio.width, audio.depth, audio.heads, audio.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   audio.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
+  audio.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
 
   cfg.text = text = ml_collections.ConfigDict()
   text.vocab_size = 259  # token ids, 0 = padding (byte tokenizer)
   text.max_len = 48  # longest caption or question, tokens
   text.width, text.depth, text.heads, text.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
+  text.pos_std = 0.02  # init std of the learned positional embedding (token embeddings start at std 0.02 too)
 
   cfg.fusion = fusion = ml_collections.ConfigDict()
   fusion.cross_attention = True  # VQA fuses question and image by cross-attention (False: concatenation ablation)

@@ -20,6 +20,7 @@ class PositionalTransformer(nn.Module):
   depth: int
   num_heads: int
   mlp_dim: int
+  pos_std: float = 0.02  # init std of the positional embedding, relative to unit-scale token features
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -30,7 +31,7 @@ class PositionalTransformer(nn.Module):
       raise ValueError(f"sequence of {length} tokens exceeds max_len={self.max_len}")
     pos = self.param(
         "pos_embedding",
-        logical(nn.initializers.normal(0.02), (LENGTH, EMBED)),
+        logical(nn.initializers.normal(self.pos_std), (LENGTH, EMBED)),
         (self.max_len, width),
         self.param_dtype,
     )
@@ -73,6 +74,7 @@ class _Tower(nn.Module):
   num_heads: int
   mlp_dim: int
   stem: tuple[int, ...] = ()  # conv stem channels per stage (3x3 conv + 2x2 max-pool); () = plain ViT patches
+  pos_std: float = 0.02  # init std of the learned positional embedding
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -88,7 +90,7 @@ class _Tower(nn.Module):
     x = dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(patches.astype(self.dtype))
     x = nn.with_logical_constraint(x, TOKENS)
     return PositionalTransformer(
-        patches.shape[1], self.depth, self.num_heads, self.mlp_dim, name="encoder", **kw
+        patches.shape[1], self.depth, self.num_heads, self.mlp_dim, self.pos_std, name="encoder", **kw
     )(x, mask)
 
 
@@ -186,6 +188,7 @@ class TextEncoder(nn.Module):
   depth: int
   num_heads: int
   mlp_dim: int
+  pos_std: float = 0.02  # init std of the learned positional embedding
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -203,5 +206,6 @@ class TextEncoder(nn.Module):
         **kw,
     )(tokens)
     x = nn.with_logical_constraint(x, TOKENS)
-    x = PositionalTransformer(self.max_len, self.depth, self.num_heads, self.mlp_dim, name="encoder", **kw)(x, mask)
+    x = PositionalTransformer(self.max_len, self.depth, self.num_heads, self.mlp_dim, self.pos_std, name="encoder",
+                              **kw)(x, mask)
     return x, mask
