@@ -29,6 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 32  # global batch, examples per step (sized so the default run fits 10 min on 2 CPU cores)
   c.eval_batch_size = 256  # examples per eval step
   c.data = default_data_config()
+  c.data.extra_questions = 3  # 4 VQA questions per image in training: the answer head needs the examples
   c.model = default_model_config()
   for family in ("image", "video", "audio", "text"):
     c.model[family].update(width=64, depth=2, heads=4, mlp=128)  # encoder width/depth/heads/MLP width
@@ -37,6 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for family in ("image", "video"):  # positions as loud as the stem's features: the read-out finds digit k at once
     c.model[family].pos_std = 0.5
   c.model.joint_dim = 64  # shared embedding size
+  c.model.heads.vqa_hidden = 256  # the answer head's MLP: sums, parities and look-ups over the digit slots
+  c.model.fusion.gated = False  # no tanh gate: the VQA cross-attention is new in `joint` and needs full strength
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # device mesh sizes; -1 fills the remaining devices
   c.sharding = dict(layout="dp")  # logical axis rules: dp | fsdp | fsdp_tp
   c.precision = dict(compute="float32", params="float32")  # compute dtype; params stay f32
@@ -54,12 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   encoders = r"^(encoders|pools)_"  # param paths of the encoders and their order-aware read-outs
   c.stage_order = ("unimodal", "align", "joint")
   c.stages = dict(
-      unimodal=dict(steps=800, lr=3e-3, warmup=50, frozen=(), carry=(),  # steps, peak LR, warmup steps
+      unimodal=dict(steps=700, lr=3e-3, warmup=50, frozen=(), carry=(),  # steps, peak LR, warmup steps
                     objective={f"pretrain/{m}": 1.0 for m in ("image", "text", "audio", "video")}),
       align=dict(steps=200, lr=1e-3, warmup=20, frozen=(), carry=(encoders,),
                  objective={"contrastive/image-text": 1.0, "contrastive/audio-image": 1.0,
                             "contrastive/video-text": 1.0, "contrastive/audio-text": 0.5}),
-      joint=dict(steps=300, lr=1e-3, warmup=30, frozen=(), carry=(".*",),
+      joint=dict(steps=500, lr=1e-3, warmup=30, frozen=(), carry=(".*",),
                  objective={"vqa": 1.0, "tagging": 1.0, "asr": 1.0, "fused": 1.0,
                             "contrastive/image-text": 0.5, "contrastive/audio-image": 0.5,
                             "contrastive/video-text": 0.5}),

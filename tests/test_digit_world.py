@@ -162,6 +162,25 @@ def test_question_answers_are_correct(records, val_samples):
   assert types == set(templates.QUESTION_TYPES)
 
 
+def test_extra_questions_are_answered_correctly_reproducibly_and_leave_the_sample_alone(cfg, records, val_samples):
+  asking = _config(cfg.data_dir, extra_questions=3)
+  questions, redrawn = set(), 0
+  for recipe, plain in zip(records["val"], val_samples):
+    sample = render.render_sample(recipe, asking, split_seed=5, epoch=0)
+    assert sample["extra_questions"].shape == (3, asking.question_len) and sample["extra_answers"].shape == (3,)
+    assert "extra_questions" not in plain and all(np.array_equal(sample[k], plain[k]) for k in plain)
+    digits = recipe["digits"][: recipe["num_digits"]].tolist()
+    for tokens, answer in zip(sample["extra_questions"], sample["extra_answers"]):
+      question = tokenizer.decode(tokens)
+      assert templates.ANSWERS[answer] == _expected_answer(question, digits), question
+      questions.add(question)
+    again = render.render_sample(recipe, asking, split_seed=5, epoch=0)
+    assert np.array_equal(sample["extra_questions"], again["extra_questions"])
+    later = render.render_sample(recipe, asking, split_seed=5, epoch=1)
+    redrawn += not np.array_equal(sample["extra_questions"], later["extra_questions"])
+  assert len(questions) >= 8 and redrawn > len(val_samples) // 2  # varied, and new questions each epoch
+
+
 def _best_match(slot: np.ndarray, pixels: np.ndarray) -> float:
   """Highest normalised correlation of the glyph, at any scale and offset, with the slot."""
   best = -1.0
@@ -303,6 +322,8 @@ def test_bad_config_is_rejected(cfg, records):
     builder.digit_world_source(cfg, "validation")
   with pytest.raises(ValueError, match="heldout_speaker"):
     builder.prepare_digit_world(_config(cfg.data_dir, heldout_speaker="nobody"))
+  with pytest.raises(ValueError, match="extra_questions"):
+    pipeline.validate_data_config(_config(cfg.data_dir, extra_questions=-1))
 
 
 def test_noise_bank_is_fixed_read_only_and_sliced_deterministically():

@@ -225,3 +225,20 @@ def test_objective_sums_weighted_terms_and_reports_them(loss_kind):
   np.testing.assert_allclose(metrics["acc/vqa"], vqa_right, rtol=1e-6)
   assert metrics["acc/fused"] >= 1 / 3 - 1e-6
   assert set(metrics) >= {"acc/pretrain/image", "loss/vqa", "loss/fused", "loss/pretrain/image"}
+
+
+def test_vqa_term_averages_the_extra_questions_with_the_sample_question():
+  _, objective = objectives.build_objective({"vqa": 1.0})
+  outputs, batch = _fake_outputs_and_batch()
+  rng = np.random.default_rng(3)
+  extra = rng.normal(size=(4, 2, outputs["vqa_logits"].shape[-1])).astype(np.float32)
+  extra_answers = rng.integers(0, extra.shape[-1], (4, 2)).astype(np.int32)
+  _, alone = objective(outputs, batch)
+  _, both = objective({**outputs, "vqa_extra_logits": extra}, {**batch, "extra_answers": extra_answers})
+  logits = np.concatenate([outputs["vqa_logits"][:, None], extra], 1)[:3]  # sample 3 has weight 0
+  answers = np.concatenate([batch["answer"][:, None], extra_answers], 1)[:3]
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  expected = -np.take_along_axis(log_probs, answers[..., None], -1).mean()
+  np.testing.assert_allclose(both["loss/vqa"], expected, rtol=1e-5)
+  assert abs(float(both["loss/vqa"]) - float(alone["loss/vqa"])) > 1e-3
+  np.testing.assert_allclose(both["acc/vqa"], (logits.argmax(-1) == answers).mean(), rtol=1e-6)

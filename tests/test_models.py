@@ -117,6 +117,30 @@ def test_image_text_model_runs_and_is_finite():
   assert weights[1, 0] == 0.0
 
 
+def test_extra_questions_are_answered_about_their_own_samples_image_in_training_only():
+  cfg = default_model_config()
+  cfg.modalities = ("image", "text")
+  model = build_model(cfg)
+  rng = np.random.default_rng(1)
+  batch = example_batch(cfg, B)
+  batch["image"] = jnp.asarray(rng.uniform(size=batch["image"].shape), jnp.float32)
+  batch["question"] = jnp.asarray(rng.integers(1, 200, batch["question"].shape), jnp.int32)
+  other = jnp.asarray(rng.integers(1, 200, batch["question"].shape), jnp.int32)
+  batch["extra_questions"] = jnp.stack([other, batch["question"], other[::-1]], axis=1)  # [B, 3, L]
+  heads = ("vqa",)
+
+  @jax.jit
+  def run(key, b):
+    variables = model.init(key, b, heads=heads)
+    return model.apply(variables, b, heads=heads, train=True), model.apply(variables, b, heads=heads)
+
+  trained, evaluated = run(KEY, batch)
+  extra = trained["vqa_extra_logits"]
+  assert extra.shape == (B, 3, cfg.heads.num_answers) and "vqa_extra_logits" not in evaluated
+  np.testing.assert_allclose(extra[:, 1], trained["vqa_logits"], rtol=1e-5, atol=1e-5)  # same question, same image
+  assert float(jnp.abs(extra[0, 0] - extra[1, 2]).max()) > 1e-4  # one question (other[0]), two images: two answers
+
+
 @pytest.fixture(scope="module")
 def cross_attention():
   module = CrossModalAttention(num_heads=2, gated=False)

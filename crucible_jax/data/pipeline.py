@@ -43,6 +43,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.audio_seconds = 4.0  # audio length in seconds; the waveform is zero-padded to this
   cfg.text_len = 48  # caption length in byte tokens
   cfg.question_len = 32  # question length in byte tokens
+  cfg.extra_questions = 0  # more random VQA questions per sample (keys extra_questions/extra_answers); 0 = none
   cfg.heldout_speaker = "fr_CA_f_June"  # voice kept out of train/val/test, used only by test_heldout_speaker
   cfg.num_workers = 0  # grain worker processes rendering samples (0 = in the main process)
   cfg.prefetch_buffer = 2  # batches prefetched per process / per worker
@@ -58,6 +59,11 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.variant={data_cfg.variant!r}; choose from {render.VARIANTS}")
   if not 0.0 <= data_cfg.corrupt_prob <= 1.0:
     raise ValueError(f"data.corrupt_prob={data_cfg.corrupt_prob} is not a probability")
+  extra = data_cfg.get("extra_questions", 0)
+  if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+    raise ValueError(f"data.extra_questions={extra!r} must be a count >= 0")
+  if extra and data_cfg.name != "digit_world":
+    raise ValueError(f"data.extra_questions={extra}: only DigitWorld draws extra questions (data.name={data_cfg.name!r})")
   unknown = set(data_cfg.drop_modalities) - set(MODALITIES)
   if unknown:
     raise ValueError(f"data.drop_modalities names unknown modalities {sorted(unknown)}; known: {MODALITIES}")

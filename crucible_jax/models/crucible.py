@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
 from crucible_jax.models import balance as balance_lib
@@ -65,6 +65,7 @@ class ModelConfig:
   joint_dim: int  # width of the shared embedding space
   max_digits: int  # digit positions predicted by the pretrain and fused heads
   num_answers: int  # VQA answer classes
+  vqa_hidden: int  # hidden units of the VQA answer head's residual MLP
   num_tags: int  # audio tagging labels
   dtype: Dtype  # compute dtype of the heads
   param_dtype: Dtype
@@ -109,7 +110,7 @@ class CrucibleModel(nn.Module):
           for _ in range(c.fusion.cross_depth)
       ]
     if "vqa" in self.available_heads:
-      self.vqa_head = ClassifierHead(c.num_answers, hidden=c.tower(TEXT).mlp, **head_kw)
+      self.vqa_head = ClassifierHead(c.num_answers, hidden=c.vqa_hidden, **head_kw)
     if AUDIO in c.modalities:
       self.tag_head = ClassifierHead(c.num_tags, **head_kw)
       self.ctc_head = ClassifierHead(DIGIT_CLASSES, **head_kw)
@@ -167,9 +168,9 @@ class CrucibleModel(nn.Module):
       encoded[m] = encode_fn(inputs) if plan is None else routed_encode(encode_fn, inputs, plan[m])
     return encoded
 
-  def answer(self, batch: Mapping[str, Array], image: enc.Encoded) -> Float[Array, "b a"]:
+  def answer(self, questions: Int[Array, "b l"], image: enc.Encoded) -> Float[Array, "b a"]:
     """VQA logits: question tokens (shared TextEncoder) fused with image tokens, or concatenated (ablation)."""
-    question, question_mask = self.encoders[TEXT](_require(batch, "question"))
+    question, question_mask = self.encoders[TEXT](questions)
     tokens, mask = image
     if self.config.fusion.cross_attention:
       for block in self.vqa_blocks:
@@ -215,7 +216,9 @@ class CrucibleModel(nn.Module):
     if "pretrain" in heads:
       out["pretrain_logits"] = {m: self.pretrain_heads[m](slots[m][:, : c.max_digits]) for m in c.modalities}
     if "vqa" in heads:
-      out["vqa_logits"] = self.answer(batch, encoded[IMAGE])
+      out["vqa_logits"] = self.answer(_require(batch, "question"), encoded[IMAGE])
+      if train and "extra_questions" in batch:  # more questions about the same image tokens: more VQA signal per step
+        out["vqa_extra_logits"] = self._answer_extra(batch["extra_questions"], encoded[IMAGE])
     if "tagging" in heads:
       out["tag_logits"] = self.tag_head(pooled[AUDIO])
     if "asr" in heads:
@@ -231,6 +234,13 @@ class CrucibleModel(nn.Module):
       out.update(converter_lib.converter_outputs(self, batch, encoded, pooled, heads, train))
     return out
 
+
+  def _answer_extra(self, questions: Int[Array, "b q l"], image: enc.Encoded) -> Float[Array, "b q a"]:
+    """VQA logits of Q questions per sample: each question is paired with its sample's image tokens."""
+    count = questions.shape[1]
+    tokens, mask = (jnp.repeat(x, count, axis=0) for x in image)
+    logits = self.answer(questions.reshape(-1, questions.shape[-1]), (tokens, mask))
+    return logits.reshape(questions.shape[0], count, -1)
 
   def _ogm_ge(self, batch: Mapping[str, Array], pooled: dict[str, Array], present: dict[str, Array]
               ) -> tuple[dict[str, Array], dict[str, Array]]:
@@ -346,7 +356,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
       modalities=modalities, towers=towers, image_patch=tuple(patch), video_tubelet=tuple(tubelet),
       audio_frontend=frontend, text_vocab=text_vocab, fusion=fusion, joint_dim=_positive(cfg, "joint_dim"),
       max_digits=_positive(cfg, "heads.max_digits"), num_answers=_positive(cfg, "heads.num_answers"),
-      num_tags=_positive(cfg, "heads.num_tags"), dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),
+      vqa_hidden=_positive(cfg, "heads.vqa_hidden"), num_tags=_positive(cfg, "heads.num_tags"),
+      dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),
       routing=routing_spec(cfg.get("routing"), modalities), balance=balance_lib.balance_spec(cfg.get("balance")),
       converter=converter_lib.converter_spec(cfg.get("converter"), modalities, tuple(_get(cfg, "image.size")),
                                              _get(cfg, "image.channels"), _positive(cfg, "heads.max_digits")),

@@ -57,6 +57,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   cfg.heads = heads = ml_collections.ConfigDict()
   heads.max_digits = 4  # longest digit string (positions predicted by pretrain/fused heads)
   heads.num_answers = 48  # closed VQA answer vocabulary
+  heads.vqa_hidden = 64  # hidden units of the VQA answer head's MLP (it combines question and image slots)
   heads.num_tags = 10  # audio tagging labels (which digits are spoken)
 
   cfg.routing = routing = ml_collections.ConfigDict()

@@ -87,10 +87,16 @@ def _contrastive_term(first: str, second: str, key: str, loss_kind: str, mesh: M
 
 
 def _vqa_term(outputs, batch):
-  logits = _output(outputs, "vqa_logits", "vqa")
-  weight = sample_weight(batch)
-  correct = (jnp.argmax(logits, axis=-1) == batch["answer"]).astype(jnp.float32)
-  return losses.softmax_ce(logits, batch["answer"], weight), {"acc/vqa": losses.weighted_mean(correct, weight)}
+  """Cross-entropy of the sample's question and, in training with `extra_questions`, of every extra one alike."""
+  logits, answers, weight = _output(outputs, "vqa_logits", "vqa"), batch["answer"], sample_weight(batch)
+  if "vqa_extra_logits" in outputs:
+    extra = outputs["vqa_extra_logits"]
+    count = 1 + extra.shape[1]
+    logits = jnp.concatenate([logits[:, None], extra], axis=1).reshape(-1, extra.shape[-1])
+    answers = jnp.concatenate([answers[:, None], batch["extra_answers"]], axis=1).reshape(-1)
+    weight = jnp.repeat(weight, count)
+  correct = (jnp.argmax(logits, axis=-1) == answers).astype(jnp.float32)
+  return losses.softmax_ce(logits, answers, weight), {"acc/vqa": losses.weighted_mean(correct, weight)}
 
 
 def _tagging_term(outputs, batch):

@@ -127,14 +127,7 @@ class DigitWorld(tfds.core.GeneratorBasedBuilder):
       distractor, _, distractor_pixels = draw_string()
       while distractor == digits:
         distractor, _, distractor_pixels = draw_string()
-      question_type = int(rng.integers(len(templates.QUESTION_TYPES)))
-      kind = templates.QUESTION_TYPES[question_type]
-      if kind == "nth_digit":
-        param = int(rng.integers(len(digits)))
-      elif kind == "contains":  # half the time a digit of the string, so yes/no are balanced
-        param = int(rng.choice(digits)) if rng.random() < 0.5 else int(rng.integers(10))
-      else:
-        param = 0
+      question_type, param = templates.draw_question(digits, rng)
       yield i, {
           "index": i,
           "digit_string": "".join(map(str, digits)),

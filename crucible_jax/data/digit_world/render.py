@@ -20,7 +20,7 @@ from crucible_jax.data.digit_world import draw, templates
 VARIANTS: Final = ("clean", "corrupted", "imbalanced")
 SNR_DB: Final = {"clean": (10.0, 30.0), "corrupted": (10.0, 30.0), "imbalanced": (-5.0, 5.0)}
 SCRAMBLE_PATCH: Final = 4  # pixels per side of the tiles a scrambled image is cut into
-STREAMS: Final = ("image", "video", "audio", "flags", "corrupt")  # one independent random stream each
+STREAMS: Final = ("image", "video", "audio", "flags", "corrupt", "questions")  # one independent random stream each
 _THREAD = threading.local()  # per-thread reusable stream generators (grain renders in several threads)
 
 
@@ -79,9 +79,10 @@ def render_sample(
   if variant not in VARIANTS:
     raise ValueError(f"unknown DigitWorld variant {variant!r}; choose from {VARIANTS}")
   corrupting = variant == "corrupted"  # only that variant reads the flags and corrupt streams
-  streams = sample_streams(int(recipe["render_seed"]), split_seed, epoch, len(STREAMS) if corrupting else 3)
+  asking = bool(getattr(data_cfg, "extra_questions", 0))
+  streams = sample_streams(int(recipe["render_seed"]), split_seed, epoch, len(STREAMS) if corrupting or asking else 3)
   rng_image, rng_video, rng_audio = streams[:3]
-  rng_flags, rng_corrupt = streams[3:] if corrupting else (None, None)
+  rng_flags, rng_corrupt = streams[3:5] if corrupting else (None, None)
 
   digits = _digits(recipe, "digits")
   if len(digits) != int(recipe["num_digits"]) or len(digits) == 0:
@@ -124,6 +125,7 @@ def render_sample(
   question_type, param = int(recipe["question_type"]), int(recipe["question_param"])
   padded_digits = np.full((max_digits,), -1, np.int32)
   padded_digits[:num_digits] = digits
+  extra = _extra_questions(digits, data_cfg, streams[STREAMS.index("questions")]) if asking else {}
   return {
       "image": np.asarray(image, np.float32),  # already float32: no copies
       "video": np.asarray(video, np.float32),
@@ -140,6 +142,18 @@ def render_sample(
       "weight": np.float32(1.0),
       **{present_key(m): np.bool_(True) for m in MODALITIES},
       **{f"{m}_corrupted": np.bool_(corrupted[m]) for m in MODALITIES},
+      **extra,
+  }
+
+
+def _extra_questions(digits: np.ndarray, data_cfg: ml_collections.ConfigDict, rng: np.random.Generator
+                     ) -> dict[str, np.ndarray]:
+  """`data.extra_questions` more random questions about the sample and their answers (more VQA signal per image)."""
+  count, length = int(data_cfg.extra_questions), int(data_cfg.question_len)
+  drawn = [templates.draw_question(digits.tolist(), rng) for _ in range(count)]
+  return {
+      "extra_questions": np.stack([_cached_tokens(templates.question(*q), length) for q in drawn]),
+      "extra_answers": np.array([templates.answer(digits.tolist(), *q) for q in drawn], np.int32),
   }
 
 
@@ -163,4 +177,7 @@ def padding_sample(data_cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]
       "weight": np.float32(0.0),
       **{present_key(m): np.bool_(False) for m in MODALITIES},
       **{f"{m}_corrupted": np.bool_(False) for m in MODALITIES},
+      **({"extra_questions": np.zeros((int(data_cfg.extra_questions), int(data_cfg.question_len)), np.int32),
+          "extra_answers": np.zeros((int(data_cfg.extra_questions),), np.int32)}
+         if getattr(data_cfg, "extra_questions", 0) else {}),
   }

@@ -3,6 +3,8 @@
 import re
 from typing import Final, Sequence
 
+import numpy as np
+
 ENGLISH_WORDS: Final = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CHINESE_WORDS: Final = ("零", "一", "二", "三", "四", "五", "六", "七", "八", "九")
 
@@ -53,6 +55,19 @@ def parse_digits(text: str) -> list[int]:
   """Digits a caption names, in order, whether as English words, Chinese numerals or Arabic numerals."""
   lookup = {w: i for i, w in enumerate(ENGLISH_WORDS)} | {w: i for i, w in enumerate(CHINESE_WORDS)}
   return [lookup[m] if m in lookup else int(m) for m in _DIGIT_PATTERN.findall(text)]
+
+
+def draw_question(digits: Sequence[int], rng: np.random.Generator) -> tuple[int, int]:
+  """A random (question_type, param) about `digits`; `contains` asks for one of its digits half the time (balanced)."""
+  question_type = int(rng.integers(len(QUESTION_TYPES)))
+  kind = QUESTION_TYPES[question_type]
+  if kind == "nth_digit":
+    param = int(rng.integers(len(digits)))
+  elif kind == "contains":
+    param = int(rng.choice(digits)) if rng.random() < 0.5 else int(rng.integers(10))
+  else:
+    param = 0
+  return question_type, param
 
 
 def question(question_type: int, param: int) -> str:
