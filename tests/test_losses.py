@@ -242,3 +242,24 @@ def test_vqa_term_averages_the_extra_questions_with_the_sample_question():
   np.testing.assert_allclose(both["loss/vqa"], expected, rtol=1e-5)
   assert abs(float(both["loss/vqa"]) - float(alone["loss/vqa"])) > 1e-3
   np.testing.assert_allclose(both["acc/vqa"], (logits.argmax(-1) == answers).mean(), rtol=1e-6)
+
+
+def test_a_corrupted_modality_is_no_target_for_unimodal_and_contrastive_terms_but_still_for_fused():
+  spec = {"pretrain/image": 1.0, "contrastive/image-text": 1.0, "vqa": 1.0, "fused": 1.0}
+  _, objective = objectives.build_objective(spec)
+  outputs, batch = _fake_outputs_and_batch()
+  flagged = {**batch, "image_corrupted": np.array([False, True, False, False])}
+  moved = {**outputs, "pretrain_logits": {"image": outputs["pretrain_logits"]["image"].copy()},
+           "embeddings": {**outputs["embeddings"], "image": outputs["embeddings"]["image"].copy()},
+           "fused_logits": outputs["fused_logits"].copy(), "vqa_logits": outputs["vqa_logits"].copy()}
+  moved["pretrain_logits"]["image"][1] *= -3.0  # only sample 1's outputs change
+  moved["vqa_logits"][1] *= -3.0
+  moved["embeddings"]["image"][1] = -moved["embeddings"]["image"][1]
+  moved["fused_logits"][1] *= -3.0
+  (_, before), (_, after) = objective(outputs, flagged), objective(moved, flagged)
+  for term in ("loss/pretrain/image", "loss/contrastive/image-text", "loss/vqa"):
+    np.testing.assert_allclose(after[term], before[term], rtol=1e-6, err_msg=term)
+  assert abs(float(after["loss/fused"]) - float(before["loss/fused"])) > 1e-3  # the joint task still reads it
+  (_, plain_before), (_, plain_after) = objective(outputs, batch), objective(moved, batch)
+  for term in ("loss/pretrain/image", "loss/contrastive/image-text", "loss/vqa"):  # unflagged, sample 1 counts
+    assert abs(float(plain_after[term]) - float(plain_before[term])) > 1e-3, term

@@ -14,7 +14,7 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array
 
-from crucible_jax.common_types import IMAGE, MODALITIES, present_key
+from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, present_key
 from crucible_jax.models.converter import caption_tokens, reference_images
 from crucible_jax.train import losses
 
@@ -51,6 +51,14 @@ def modality_present(outputs: Outputs, batch: Batch, modality: str) -> Array:
   return in_data & encoded
 
 
+def modality_intact(batch: Batch, modality: str) -> Array | bool:
+  """False where the data deliberately corrupted `modality` (`<m>_corrupted`): it is then no target for tasks
+  that read that modality alone (pretraining, contrastive pairs, ASR, tagging, VQA's image, captioning and image
+  generation), as a curated corpus would not hold it. The fused task still sees it, so fusion and the router must learn to distrust it."""
+  flags = batch.get(f"{modality}_corrupted")
+  return True if flags is None else ~flags
+
+
 def string_accuracy(logits: Array, digits: Array, num_digits: Array, weight: Array) -> Array:
   """Weighted share of samples whose every position (digits and NO_DIGIT tail) is predicted right."""
   exact = jnp.all(jnp.argmax(logits, axis=-1) == losses.digit_targets(digits, num_digits), axis=-1)
@@ -60,7 +68,7 @@ def string_accuracy(logits: Array, digits: Array, num_digits: Array, weight: Arr
 def _pretrain_term(modality: str, key: str) -> TermFn:
   def term(outputs, batch):
     logits = _output(outputs, "pretrain_logits", key)[modality]
-    weight = sample_weight(batch) * modality_present(outputs, batch, modality)
+    weight = sample_weight(batch) * (modality_present(outputs, batch, modality) & modality_intact(batch, modality))
     loss = losses.digit_string_loss(logits, batch["digits"], batch["num_digits"], weight)
     return loss, {f"acc/{key}": string_accuracy(logits, batch["digits"], batch["num_digits"], weight)}
   return term
@@ -72,7 +80,8 @@ def _contrastive_term(first: str, second: str, key: str, loss_kind: str, mesh: M
     embeddings = _output(outputs, "embeddings", key)
     a, b = embeddings[first], embeddings[second]
     weight = sample_weight(batch)
-    kwargs = dict(valid=modality_present(outputs, batch, first) & modality_present(outputs, batch, second),
+    valid = modality_present(outputs, batch, first) & modality_present(outputs, batch, second)
+    kwargs = dict(valid=valid & modality_intact(batch, first) & modality_intact(batch, second),
                   ids=batch["string_id"], weight=weight)
     scale = _output(outputs, "logit_scale", key)
     if loss_kind == "clip":
@@ -88,7 +97,8 @@ def _contrastive_term(first: str, second: str, key: str, loss_kind: str, mesh: M
 
 def _vqa_term(outputs, batch):
   """Cross-entropy of the sample's question and, in training with `extra_questions`, of every extra one alike."""
-  logits, answers, weight = _output(outputs, "vqa_logits", "vqa"), batch["answer"], sample_weight(batch)
+  logits, answers = _output(outputs, "vqa_logits", "vqa"), batch["answer"]
+  weight = sample_weight(batch) * modality_intact(batch, IMAGE)
   if "vqa_extra_logits" in outputs:
     extra = outputs["vqa_extra_logits"]
     count = 1 + extra.shape[1]
@@ -101,19 +111,20 @@ def _vqa_term(outputs, batch):
 
 def _tagging_term(outputs, batch):
   logits = _output(outputs, "tag_logits", "tagging")
+  weight = sample_weight(batch) * modality_intact(batch, AUDIO)
   if "labels" not in batch:  # DigitWorld: the multi-hot of the digits present
-    return losses.multilabel_loss(logits, batch["digits"], sample_weight(batch)), {}
+    return losses.multilabel_loss(logits, batch["digits"], weight), {}
   labels = batch["labels"].astype(jnp.float32)  # multi-hot from the source (AudioSet)
   if labels.shape != logits.shape:
     raise ValueError(f"tagging: batch['labels'] {labels.shape} and tag_logits {logits.shape} disagree "
                      f"(data.num_labels vs model.heads.num_tags)")
   logits = logits.astype(jnp.float32)
   bce = jnp.logaddexp(0.0, logits) - logits * labels  # sigmoid cross-entropy, stable for large |logits|
-  return losses.weighted_mean(jnp.mean(bce, axis=1), sample_weight(batch)), {}
+  return losses.weighted_mean(jnp.mean(bce, axis=1), weight), {}
 
 
 def _asr_term(outputs, batch):
-  weight = sample_weight(batch) * modality_present(outputs, batch, "audio")
+  weight = sample_weight(batch) * (modality_present(outputs, batch, AUDIO) & modality_intact(batch, AUDIO))
   loss = losses.ctc_loss(_output(outputs, "ctc_logits", "asr"), _output(outputs, "ctc_mask", "asr"),
                          batch["digits"], batch["num_digits"], weight)
   return loss, {}
@@ -136,7 +147,7 @@ def _caption_term(modality: str, key: str) -> TermFn:
     _, targets, mask = caption_tokens(batch["digits"], batch["num_digits"], logits.shape[1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     per_sample = jnp.sum(ce * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
-    weight = sample_weight(batch) * modality_present(outputs, batch, modality)
+    weight = sample_weight(batch) * (modality_present(outputs, batch, modality) & modality_intact(batch, modality))
     exact = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~mask, axis=1).astype(jnp.float32)
     return losses.weighted_mean(per_sample, weight), {f"acc/{key}": losses.weighted_mean(exact, weight)}
   return term
@@ -152,8 +163,8 @@ def _imagine_term(modality: str, key: str, reference_glyphs: np.ndarray | None) 
     target = batch[IMAGE] if reference_glyphs is None else reference_images(
         reference_glyphs, batch["digits"], batch[IMAGE].shape[2])
     error = jnp.square(images[modality].astype(jnp.float32) - target.astype(jnp.float32))
-    weight = sample_weight(batch) * modality_present(outputs, batch, modality)
-    weight = weight * batch.get(present_key(IMAGE), jnp.ones_like(weight, bool))
+    weight = sample_weight(batch) * (modality_present(outputs, batch, modality) & modality_intact(batch, modality))
+    weight = weight * batch.get(present_key(IMAGE), jnp.ones_like(weight, bool)) * modality_intact(batch, IMAGE)
     return losses.weighted_mean(jnp.mean(error, axis=(1, 2, 3)), weight), {}
   return term
 
