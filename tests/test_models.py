@@ -137,6 +137,7 @@ def test_extra_questions_are_answered_about_their_own_samples_image_in_training_
   trained, evaluated = run(KEY, batch)
   extra = trained["vqa_extra_logits"]
   assert extra.shape == (B, 3, cfg.heads.num_answers) and "vqa_extra_logits" not in evaluated
+  np.testing.assert_allclose(trained["vqa_logits"], evaluated["vqa_logits"], rtol=1e-5, atol=1e-5)  # one batched pass
   np.testing.assert_allclose(extra[:, 1], trained["vqa_logits"], rtol=1e-5, atol=1e-5)  # same question, same image
   assert float(jnp.abs(extra[0, 0] - extra[1, 2]).max()) > 1e-4  # one question (other[0]), two images: two answers
 

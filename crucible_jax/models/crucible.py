@@ -216,9 +216,13 @@ class CrucibleModel(nn.Module):
     if "pretrain" in heads:
       out["pretrain_logits"] = {m: self.pretrain_heads[m](slots[m][:, : c.max_digits]) for m in c.modalities}
     if "vqa" in heads:
-      out["vqa_logits"] = self.answer(_require(batch, "question"), encoded[IMAGE])
+      question = _require(batch, "question")
       if train and "extra_questions" in batch:  # more questions about the same image tokens: more VQA signal per step
-        out["vqa_extra_logits"] = self._answer_extra(batch["extra_questions"], encoded[IMAGE])
+        questions = jnp.concatenate([question[:, None], batch["extra_questions"]], axis=1)
+        logits = self._answer_each(questions, encoded[IMAGE])  # one pass over all 1 + Q questions
+        out["vqa_logits"], out["vqa_extra_logits"] = logits[:, 0], logits[:, 1:]
+      else:
+        out["vqa_logits"] = self.answer(question, encoded[IMAGE])
     if "tagging" in heads:
       out["tag_logits"] = self.tag_head(pooled[AUDIO])
     if "asr" in heads:
@@ -234,8 +238,7 @@ class CrucibleModel(nn.Module):
       out.update(converter_lib.converter_outputs(self, batch, encoded, pooled, heads, train))
     return out
 
-
-  def _answer_extra(self, questions: Int[Array, "b q l"], image: enc.Encoded) -> Float[Array, "b q a"]:
+  def _answer_each(self, questions: Int[Array, "b q l"], image: enc.Encoded) -> Float[Array, "b q a"]:
     """VQA logits of Q questions per sample: each question is paired with its sample's image tokens."""
     count = questions.shape[1]
     tokens, mask = (jnp.repeat(x, count, axis=0) for x in image)
