@@ -150,6 +150,31 @@ def test_routing_objective_terms_read_the_router_aux():
     objective({}, {})
 
 
+def test_routing_utility_teaches_the_estimator_which_modality_reads_the_digits():
+  digits = np.array([[3, 1], [4, -1]], np.int32)
+  num_digits = np.array([2, 1], np.int32)
+  right = 8.0 * np.eye(11, dtype=np.float32)[[[3, 1], [4, 10]]]  # reads both samples' digits (10 = no digit)
+  logits = {"image": right, "text": -right}  # text reads every position wrong
+  scores = {"image": jnp.zeros(2), "text": jnp.zeros(2)}
+  outputs = {"pretrain_logits": logits, "present": {"image": np.array([True, True]), "text": np.array([True, False])},
+             "routing_aux": {"scores": scores}}
+  batch = {"digits": digits, "num_digits": num_digits}
+  heads, objective = objectives.build_objective({"routing/utility": 1.0})
+  assert heads == ("pretrain",)
+  loss, metrics = objective(outputs, batch)
+  assert float(metrics["routing/utility_image"]) > 0.99 and float(metrics["routing/utility_text"]) < 0.01
+  assert float(loss) == pytest.approx(np.log(2.0), rel=1e-3)  # sigmoid(0) = 0.5 against targets ~1 and ~0
+
+  def loss_of(s):
+    return objective({**outputs, "routing_aux": {"scores": s}}, batch)[0]
+
+  grads = jax.grad(loss_of)(scores)
+  assert np.all(np.asarray(grads["image"]) < 0)  # descent raises the score of the modality that reads
+  assert float(grads["text"][0]) > 0 and float(grads["text"][1]) == 0.0  # lowers text's; skipped sample 1: no target
+  with pytest.raises(ValueError, match="routing.enabled"):
+    objective({"pretrain_logits": logits}, batch)
+
+
 def test_routing_config_is_validated_and_the_routed_experiment_builds():
   cfg = _config({"image": 0.5, "text": 1.0})
   assert routing_spec(cfg.routing, ("image", "text")).budget == (("image", 0.5), ("text", 1.0))

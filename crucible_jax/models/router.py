@@ -334,7 +334,7 @@ class ModalityRouter(nn.Module):
 
   @nn.compact
   def __call__(self, batch: Batch, *, train: bool) -> tuple[RoutePlan, dict]:
-    """Returns the plan and aux = {budget_loss, balance_loss, usage[m]}; training draws the 'routing' rng."""
+    """Returns the plan and aux = {budget_loss, balance_loss, usage[m], scores[m]}; training draws the 'routing' rng."""
     unknown = sorted(set(self.capacity_fraction) - set(MODALITIES))
     if unknown or not self.capacity_fraction:
       raise ValueError(f"capacity_fraction names unknown modalities {unknown} (known: {MODALITIES})")
@@ -356,7 +356,9 @@ class ModalityRouter(nn.Module):
     plan = plan_routes(
         scores, present, capacity, train=train, rng=rng, temperature=self.temperature,
         min_modalities=self.min_modalities, groups=self.groups)
-    return plan, routing_losses(plan, present, capacity)
+    aux = routing_losses(plan, present, capacity)
+    aux["scores"] = {m: scores[:, column] for column, m in enumerate(modalities)}  # noise-free, for routing/utility
+    return plan, aux
 
 
 @dataclasses.dataclass(frozen=True)

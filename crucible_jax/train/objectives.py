@@ -1,13 +1,14 @@
 """Training objectives as data: a spec of weighted loss terms -> the heads they need and one loss function.
 
 Spec keys (weight 0 = off): `pretrain/<m>`, `contrastive/<a>-<b>`, `vqa`, `tagging`, `asr`, `fused`,
-`routing/budget`, `routing/balance` (need `model.routing.enabled`), `caption/<m>`, `imagine/<m>` (need
+`routing/budget`, `routing/balance`, `routing/utility` (need `model.routing.enabled`), `caption/<m>`, `imagine/<m>` (need
 `model.converter.enabled`).
 Every term's value is reported as `loss/<key>`, so a gradient-balancing scheme can read the per-term losses.
 """
 
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -180,13 +181,33 @@ def _routing_term(name: str) -> TermFn:
   return term
 
 
+def _routing_utility_term(outputs, batch):
+  """Teaches the router's estimator what each encoded modality is worth to this sample: the logit of
+  sigmoid(score) regresses (binary cross-entropy) the probability that the modality's own read-out names the
+  digits, exp(-per-position CE) of its pretrain head, held constant. A modality that cannot be read (blank, noise,
+  a wrong caption the head misreads) earns a low score and loses its slot to a sample that needs it."""
+  if "routing_aux" not in outputs:
+    raise ValueError("objective term 'routing/utility' needs model output 'routing_aux': set model.routing.enabled")
+  scores, logits = outputs["routing_aux"]["scores"], _output(outputs, "pretrain_logits", "routing/utility")
+  terms, metrics = [], {}
+  for m, score in scores.items():
+    targets = losses.digit_targets(batch["digits"], batch["num_digits"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[m].astype(jnp.float32), targets).mean(axis=1)
+    utility = jax.lax.stop_gradient(jnp.exp(-ce))
+    weight = sample_weight(batch) * modality_present(outputs, batch, m)  # encoded samples only: others had no read-out
+    terms.append(losses.weighted_mean(optax.sigmoid_binary_cross_entropy(score.astype(jnp.float32), utility), weight))
+    metrics[f"routing/utility_{m}"] = losses.weighted_mean(utility, weight)
+  return jnp.mean(jnp.stack(terms)), metrics
+
+
 def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequence[str],
                 reference_glyphs: np.ndarray | None) -> tuple[str | None, TermFn]:
   """(head, term function) for one spec key; ValueError naming the key if it is not understood."""
   fixed = {"vqa": ("vqa", _vqa_term), "tagging": ("tagging", _tagging_term), "asr": ("asr", _asr_term),
            "fused": ("fused", _fused_term),
            # The router runs with any head, so routing terms ask for none.
-           "routing/budget": (None, _routing_term("budget")), "routing/balance": (None, _routing_term("balance"))}
+           "routing/budget": (None, _routing_term("budget")), "routing/balance": (None, _routing_term("balance")),
+           "routing/utility": ("pretrain", _routing_utility_term)}
   if key in fixed:
     return fixed[key]
   family, _, rest = key.partition("/")
@@ -201,8 +222,8 @@ def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequenc
     if first in MODALITIES and second in MODALITIES and first != second:
       return "embed", _contrastive_term(first, second, key, loss_kind, mesh, batch_axes)
   raise ValueError(f"unknown objective term {key!r}; expected pretrain/<m>, contrastive/<a>-<b> (m in "
-                   f"{MODALITIES}, a != b), vqa, tagging, asr, fused, routing/budget, routing/balance, caption/<m> or "
-                   f"imagine/<m>")
+                   f"{MODALITIES}, a != b), vqa, tagging, asr, fused, routing/budget, routing/balance, "
+                   f"routing/utility, caption/<m> or imagine/<m>")
 
 
 def build_objective(spec: Mapping[str, float], *, loss_kind: str = "clip", mesh: Mesh | None = None,
