@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 32  # global batch, examples per step (sized so the default run fits 10 min on 2 CPU cores)
   c.eval_batch_size = 256  # examples per eval step
   c.data = default_data_config()
-  c.data.extra_questions = 3  # 4 VQA questions per image in training: the answer head needs the examples
+  c.data.extra_questions = 7  # 8 VQA questions per image in training: the answer head needs the examples
   c.model = default_model_config()
   for family in ("image", "video", "audio", "text"):
     c.model[family].update(width=64, depth=2, heads=4, mlp=128)  # encoder width/depth/heads/MLP width
@@ -119,7 +119,7 @@ def _make_generate(c: ml_collections.ConfigDict, tiny: bool) -> None:
 
 
 def _make_routed(c: ml_collections.ConfigDict, fraction: float = 0.6) -> None:
-  """Router on: each encoder sees `fraction` of the batch; budget/balance losses join every routed stage's objective.
+  """Router on: each encoder sees `fraction` of the batch; budget/balance/utility losses join every routed stage.
 
   Unimodal pretraining bypasses the router (`route=False`): it trains each encoder alone, and routing there would
   only starve the encoders of samples (measured: the ablation table's routed run read at 0.36 joint accuracy when
@@ -131,7 +131,9 @@ def _make_routed(c: ml_collections.ConfigDict, fraction: float = 0.6) -> None:
     if name == "unimodal":
       c.stages[name].route = False  # bypass the router: every encoder sees the whole batch
     else:
-      c.stages[name].objective.update({"routing/budget": 1.0, "routing/balance": 0.1})  # loss weights
+      # The utility term reads each modality's pretrain head; its pretrain term keeps that head current.
+      c.stages[name].objective.update({"routing/budget": 1.0, "routing/balance": 0.1, "routing/utility": 1.0,
+                                       **{f"pretrain/{m}": 0.5 for m in c.model.modalities}})  # loss weights
   c.routing_bench = dict(  # `crucible bench routing` knobs (see crucible_jax/bench/routing.py)
       budgets=(1.0, 0.75, 0.5, 0.35),  # per-modality batch fractions measured against routing off
       variants=("clean", "corrupted"),  # DigitWorld variants, one trained run each
