@@ -149,11 +149,11 @@ def render_sample(
 def _extra_questions(digits: np.ndarray, data_cfg: ml_collections.ConfigDict, rng: np.random.Generator
                      ) -> dict[str, np.ndarray]:
   """`data.extra_questions` more random questions about the sample and their answers (more VQA signal per image)."""
-  count, length = int(data_cfg.extra_questions), int(data_cfg.question_len)
-  drawn = [templates.draw_question(digits.tolist(), rng) for _ in range(count)]
+  count, length, digit_list = int(data_cfg.extra_questions), int(data_cfg.question_len), digits.tolist()
+  drawn = [templates.draw_question(digit_list, rng) for _ in range(count)]
   return {
       "extra_questions": np.stack([_cached_tokens(templates.question(*q), length) for q in drawn]),
-      "extra_answers": np.array([templates.answer(digits.tolist(), *q) for q in drawn], np.int32),
+      "extra_answers": np.array([templates.answer(digit_list, *q) for q in drawn], np.int32),
   }
 
 
