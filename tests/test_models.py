@@ -13,6 +13,7 @@ from crucible_jax.models import ALL_HEADS, build_model, default_model_config, ex
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock, CrossModalAttention
 from crucible_jax.models.encoders import AudioEncoder
 from crucible_jax.models.fusion import AdaptiveFusion
+from crucible_jax.models.heads import SlotAnswerHead
 from crucible_jax.models.melspec import log_mel_spectrogram
 
 B = 2
@@ -140,6 +141,25 @@ def test_extra_questions_are_answered_about_their_own_samples_image_in_training_
   np.testing.assert_allclose(trained["vqa_logits"], evaluated["vqa_logits"], rtol=1e-5, atol=1e-5)  # one batched pass
   np.testing.assert_allclose(extra[:, 1], trained["vqa_logits"], rtol=1e-5, atol=1e-5)  # same question, same image
   assert float(jnp.abs(extra[0, 0] - extra[1, 2]).max()) > 1e-4  # one question (other[0]), two images: two answers
+
+
+def test_slot_answer_head_reads_each_slot_by_its_index_and_the_question():
+  head = SlotAnswerHead(num_classes=7, hidden=16)
+  rng = np.random.default_rng(4)
+  question, slots = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 8), (3, 5, 12)))
+  params = head.init(KEY, question, slots)
+  logits = head.apply(params, question, slots)
+  assert logits.shape == (3, 7) and logits.dtype == jnp.float32
+  other_order = head.apply(params, question, slots[:, ::-1])  # same digits, other positions: "the n-th" differs
+  other_question = head.apply(params, question[::-1], slots)
+  assert float(jnp.abs(other_order - logits).max()) > 1e-4 and float(jnp.abs(other_question - logits).max()) > 1e-4
+  cfg = default_model_config()
+  cfg.modalities, cfg.heads.vqa_reader = ("image", "text"), "slots"
+  model = build_model(cfg)
+  batch = example_batch(cfg, B)
+  variables = jax.jit(lambda b: model.init(KEY, b, heads=("vqa",)))(batch)
+  assert "vqa_head" in variables["params"] and "message_in" in variables["params"]["vqa_head"]
+  assert model.apply(variables, batch, heads=("vqa",))["vqa_logits"].shape == (B, cfg.heads.num_answers)
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +336,7 @@ def test_pos_std_sets_each_towers_positional_init_scale():
         (lambda c: c.audio.update(stem=(8,) * 6, patch_frames=1), "audio.n_mels"),
         (lambda c: setattr(c.audio, "stem", (8,) * 6), "audio.seconds"),
         (lambda c: setattr(c.video, "pos_std", 0.0), "video.pos_std"),
+        (lambda c: setattr(c.heads, "vqa_reader", "mean"), "heads.vqa_reader"),
     ],
 )
 def test_build_model_rejects_bad_configs_naming_the_key(edit, culprit):

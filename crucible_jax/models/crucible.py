@@ -16,7 +16,7 @@ from crucible_jax.models import converter as converter_lib
 from crucible_jax.models import encoders as enc
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock
 from crucible_jax.models.fusion import AdaptiveFusion
-from crucible_jax.models.heads import ClassifierHead, JointProjection, QueryPool, masked_mean_pool
+from crucible_jax.models.heads import ClassifierHead, JointProjection, QueryPool, SlotAnswerHead, masked_mean_pool
 from crucible_jax.models.layers import Dtype, logical
 from crucible_jax.models.melspec import num_frames
 from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode, routing_spec
@@ -24,6 +24,7 @@ from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode, ro
 ALL_HEADS: tuple[str, ...] = ("embed", "pretrain", "vqa", "tagging", "asr", "fused", *converter_lib.CONVERTER_HEADS)
 HEAD_MODALITIES: dict[str, tuple[str, ...]] = {"vqa": (IMAGE, TEXT), "tagging": (AUDIO,), "asr": (AUDIO,)}
 HEAD_INPUTS: dict[str, tuple[str, ...]] = {"vqa": (IMAGE,), "tagging": (AUDIO,), "asr": (AUDIO,)}  # else: all
+VQA_READERS: tuple[str, ...] = ("concat", "slots")  # model.heads.vqa_reader: how the answer head reads the image slots
 DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DIGIT_CLASSES = 11  # digits 0-9, plus "no digit" (pretrain, fused) or the CTC blank at class 0 (asr)
 
@@ -66,6 +67,7 @@ class ModelConfig:
   max_digits: int  # digit positions predicted by the pretrain and fused heads
   num_answers: int  # VQA answer classes
   vqa_hidden: int  # hidden units of the VQA answer head's residual MLP
+  vqa_reader: str  # answer head input: "concat" (question + flattened image slots) | "slots" (SlotAnswerHead)
   num_tags: int  # audio tagging labels
   dtype: Dtype  # compute dtype of the heads
   param_dtype: Dtype
@@ -110,7 +112,8 @@ class CrucibleModel(nn.Module):
           for _ in range(c.fusion.cross_depth)
       ]
     if "vqa" in self.available_heads:
-      self.vqa_head = ClassifierHead(c.num_answers, hidden=c.vqa_hidden, **head_kw)
+      self.vqa_head = (SlotAnswerHead(c.num_answers, c.vqa_hidden, **head_kw) if c.vqa_reader == "slots"
+                       else ClassifierHead(c.num_answers, hidden=c.vqa_hidden, **head_kw))
     if AUDIO in c.modalities:
       self.tag_head = ClassifierHead(c.num_tags, **head_kw)
       self.ctc_head = ClassifierHead(DIGIT_CLASSES, **head_kw)
@@ -176,8 +179,10 @@ class CrucibleModel(nn.Module):
       for block in self.vqa_blocks:
         question, tokens = block(question, question_mask, tokens, mask)
     image_slots = self.pools[IMAGE](tokens, mask)
-    pooled = [masked_mean_pool(question, question_mask), image_slots.reshape(image_slots.shape[0], -1)]
-    return self.vqa_head(jnp.concatenate([p.astype(self.config.dtype) for p in pooled], axis=-1))
+    question = masked_mean_pool(question, question_mask).astype(self.config.dtype)
+    if self.config.vqa_reader == "slots":
+      return self.vqa_head(question, image_slots.astype(self.config.dtype))
+    return self.vqa_head(jnp.concatenate([question, image_slots.reshape(image_slots.shape[0], -1)], axis=-1))
 
   def __call__(
       self, batch: Mapping[str, Array], *, train: bool = False, heads: tuple[str, ...] = ALL_HEADS,
@@ -288,6 +293,13 @@ def _positive(cfg: ml_collections.ConfigDict, path: str) -> int:
   return value
 
 
+def _choice(cfg: ml_collections.ConfigDict, path: str, choices: tuple[str, ...]) -> str:
+  value = _get(cfg, path)
+  if value not in choices:
+    raise ValueError(f"{path}={value!r}: expected one of {choices}")
+  return value
+
+
 def _divides(cfg: ml_collections.ConfigDict, sizes: tuple[str, ...], parts: str,
              stem_stride: tuple[int, ...] | None = None) -> tuple[int, ...]:
   """The `parts` tuple, after checking it divides the sizes at the `sizes` paths (x the stem's stride) elementwise."""
@@ -359,7 +371,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
       modalities=modalities, towers=towers, image_patch=tuple(patch), video_tubelet=tuple(tubelet),
       audio_frontend=frontend, text_vocab=text_vocab, fusion=fusion, joint_dim=_positive(cfg, "joint_dim"),
       max_digits=_positive(cfg, "heads.max_digits"), num_answers=_positive(cfg, "heads.num_answers"),
-      vqa_hidden=_positive(cfg, "heads.vqa_hidden"), num_tags=_positive(cfg, "heads.num_tags"),
+      vqa_hidden=_positive(cfg, "heads.vqa_hidden"), vqa_reader=_choice(cfg, "heads.vqa_reader", VQA_READERS),
+      num_tags=_positive(cfg, "heads.num_tags"),
       dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),
       routing=routing_spec(cfg.get("routing"), modalities), balance=balance_lib.balance_spec(cfg.get("balance")),
       converter=converter_lib.converter_spec(cfg.get("converter"), modalities, tuple(_get(cfg, "image.size")),

@@ -58,6 +58,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   heads.max_digits = 4  # longest digit string (positions predicted by pretrain/fused heads)
   heads.num_answers = 48  # closed VQA answer vocabulary
   heads.vqa_hidden = 64  # hidden units of the VQA answer head's MLP (it combines question and image slots)
+  heads.vqa_reader = "concat"  # answer head input: concat (question + flattened slots) | slots (sum over slots)
   heads.num_tags = 10  # audio tagging labels (which digits are spoken)
 
   cfg.routing = routing = ml_collections.ConfigDict()

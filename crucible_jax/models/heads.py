@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from crucible_jax.common_types import CLASSES, EMBED, JOINT
+from crucible_jax.common_types import CLASSES, EMBED, JOINT, MLP
 from crucible_jax.models.layers import Dtype, Mlp, MultiHeadAttention, dense, layer_norm, logical
 
 L2_EPS = 1e-12
@@ -82,3 +82,25 @@ class QueryPool(nn.Module):
     slots = MultiHeadAttention(self.num_heads, name="attn", **kw)(queries, context, mask=mask)
     slots = slots + Mlp(2 * width, name="mlp", **kw)(layer_norm(name="ln_slots", **kw)(slots))
     return slots
+
+
+class SlotAnswerHead(nn.Module):
+  """VQA answers from a sum over the image's digit slots (Deep Sets): each slot, tagged with its index and read in
+  the light of the question, sends a message; counts, sums, parities and "is there a d?" are functions of the sum
+  of per-digit messages, which a head over the flattened slots has to discover pairwise."""
+
+  num_classes: int
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, question: Float[Array, "b d"], slots: Float[Array, "b s e"]) -> Float[Array, "b k"]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    batch, num_slots = slots.shape[:2]
+    index = jnp.broadcast_to(jnp.eye(num_slots, dtype=self.dtype), (batch, num_slots, num_slots))
+    asked = jnp.broadcast_to(question[:, None].astype(self.dtype), (batch, num_slots, question.shape[-1]))
+    x = jnp.concatenate([layer_norm(name="ln_slots", **kw)(slots), index, asked], axis=-1)
+    message = nn.gelu(dense(self.hidden, (EMBED, MLP), name="message_in", **kw)(x))
+    message = dense(self.hidden, (MLP, EMBED), name="message_out", **kw)(message)
+    return ClassifierHead(self.num_classes, hidden=self.hidden, name="answer", **kw)(jnp.sum(message, axis=1))
