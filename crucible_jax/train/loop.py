@@ -60,6 +60,8 @@ class Trainer:
   def run(self) -> dict[str, float]:
     """Train every stage (resuming from the workdir when it holds a checkpoint), evaluate, write results."""
     start_time = time.perf_counter()
+    if jax.process_index() == 0:  # the resolved config beside its results: a run can be read and re-run later
+      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2, sort_keys=True))
     previous = signal.signal(signal.SIGTERM, self._request_stop)
     try:
       params = self._train_all_stages()
