@@ -54,6 +54,8 @@ def test_results_json_and_metrics_written(uninterrupted):
   assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
   assert {r["stage"] for r in rows} == {"unimodal", "align"}
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  written = json.loads((workdir / "config.json").read_text())
+  assert written["stages"]["unimodal"]["steps"] == 6 and written["batch_size"] == trainer.config.batch_size
 
 
 def test_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
@@ -117,21 +119,22 @@ def test_align_handoff_carries_the_real_encoders_and_refreshes_the_rest(uninterr
     np.testing.assert_array_equal(flat["out"][path], flat["new"][path])
 
 
-@pytest.mark.parametrize("policy", ["skip", "abort"])
-def test_non_finite_loss_policy(policy, tmp_path):
+def test_non_finite_loss_abort_policy_stops_with_a_clear_message(tmp_path):
   # A learning rate near f32's max makes the first update overflow the params, so later losses are NaN.
-  overrides = [f"--config.nan_policy={policy}", "--config.stages.unimodal.lr=3e38",
-               "--config.stage_order=('unimodal',)"]
-  if policy == "abort":
-    with pytest.raises(FloatingPointError, match="nan_policy='abort'"):
-      _run(tmp_path, overrides)
-    return
-  trainer, _ = _run(tmp_path, overrides + ["--config.eval_splits=()"])
-  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  assert rows[-1]["skipped"] > 0
-  assert all(np.isfinite(leaf).all() for leaf in _leaves(trainer.restore_final_params()))
+  overrides = ["--config.nan_policy=abort", "--config.stages.unimodal.lr=3e38", "--config.stage_order=('unimodal',)"]
+  with pytest.raises(FloatingPointError, match="nan_policy='abort'"):
+    _run(tmp_path, overrides)
 
 
-def test_diverged_params_fail_evaluation_clearly(tmp_path):
+def test_non_finite_loss_skip_policy_counts_skips_and_diverged_params_fail_evaluation_clearly(tmp_path):
+  overrides = ["--config.nan_policy=skip", "--config.stages.unimodal.lr=3e38", "--config.stage_order=('unimodal',)"]
   with pytest.raises(FloatingPointError, match="not finite"):
-    _run(tmp_path, ["--config.stages.unimodal.lr=3e38", "--config.stage_order=('unimodal',)"])
+    _run(tmp_path, overrides)  # training finishes (skipping the NaN updates); evaluating the huge params fails
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows[-1]["step"] == 6 and rows[-1]["skipped"] > 0
+  config = load_experiment(f"{DIGIT_WORLD}:tiny", list(SHORT) + overrides)
+  trainer = Trainer(config, tmp_path)
+  try:
+    assert all(np.isfinite(leaf).all() for leaf in _leaves(trainer.restore_final_params()))
+  finally:
+    trainer.close()
