@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model[family].pos_std = 0.5
   c.model.joint_dim = 64  # shared embedding size
   c.model.heads.vqa_hidden = 256  # the answer head's MLP: sums, parities and look-ups over the digit slots
+  c.model.heads.vqa_reader = "slots"  # answer from a sum of per-slot messages (Deep Sets), not the flattened slots
   c.model.fusion.gated = False  # no tanh gate: the VQA cross-attention is new in `joint` and needs full strength
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # device mesh sizes; -1 fills the remaining devices
   c.sharding = dict(layout="dp")  # logical axis rules: dp | fsdp | fsdp_tp
@@ -62,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       align=dict(steps=200, lr=1e-3, warmup=20, frozen=(), carry=(encoders,),
                  objective={"contrastive/image-text": 1.0, "contrastive/audio-image": 1.0,
                             "contrastive/video-text": 1.0, "contrastive/audio-text": 0.5}),
-      joint=dict(steps=500, lr=1e-3, warmup=30, frozen=(), carry=(".*",),
+      joint=dict(steps=600, lr=1e-3, warmup=30, frozen=(), carry=(".*",),
                  objective={"vqa": 1.0, "tagging": 1.0, "asr": 1.0, "fused": 1.0,
                             "contrastive/image-text": 0.5, "contrastive/audio-image": 0.5,
                             "contrastive/video-text": 0.5}),
