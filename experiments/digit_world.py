@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       align=dict(steps=200, lr=1e-3, warmup=20, frozen=(), carry=(encoders,),
                  objective={"contrastive/image-text": 1.0, "contrastive/audio-image": 1.0,
                             "contrastive/video-text": 1.0, "contrastive/audio-text": 0.5}),
-      joint=dict(steps=600, lr=1e-3, warmup=30, frozen=(), carry=(".*",),
+      joint=dict(steps=500, lr=1e-3, warmup=30, frozen=(), carry=(".*",),
                  objective={"vqa": 1.0, "tagging": 1.0, "asr": 1.0, "fused": 1.0,
                             "contrastive/image-text": 0.5, "contrastive/audio-image": 0.5,
                             "contrastive/video-text": 0.5}),
