@@ -1,8 +1,8 @@
 """Training objectives as data: a spec of weighted loss terms -> the heads they need and one loss function.
 
 Spec keys (weight 0 = off): `pretrain/<m>`, `contrastive/<a>-<b>`, `vqa`, `tagging`, `asr`, `fused`,
-`routing/budget`, `routing/balance`, `routing/utility` (need `model.routing.enabled`), `caption/<m>`, `imagine/<m>` (need
-`model.converter.enabled`).
+`routing/budget`, `routing/balance`, `routing/utility` (need `model.routing.enabled`), `caption/<m>`,
+`imagine/<m>` (need `model.converter.enabled`).
 Every term's value is reported as `loss/<key>`, so a gradient-balancing scheme can read the per-term losses.
 """
 
@@ -55,7 +55,8 @@ def modality_present(outputs: Outputs, batch: Batch, modality: str) -> Array:
 def modality_intact(batch: Batch, modality: str) -> Array | bool:
   """False where the data deliberately corrupted `modality` (`<m>_corrupted`): it is then no target for tasks
   that read that modality alone (pretraining, contrastive pairs, ASR, tagging, VQA's image, captioning and image
-  generation), as a curated corpus would not hold it. The fused task still sees it, so fusion and the router must learn to distrust it."""
+  generation), as a curated corpus would not hold it. The fused task still sees it, so fusion and the router must
+  learn to distrust it."""
   flags = batch.get(f"{modality}_corrupted")
   return True if flags is None else ~flags
 
@@ -182,16 +183,15 @@ def _routing_term(name: str) -> TermFn:
 
 
 def _routing_utility_term(outputs, batch):
-  """Teaches the router's estimator what each encoded modality is worth to this sample: the logit of
-  sigmoid(score) regresses (binary cross-entropy) the probability that the modality's own read-out names the
-  digits, exp(-per-position CE) of its pretrain head, held constant. A modality that cannot be read (blank, noise,
-  a wrong caption the head misreads) earns a low score and loses its slot to a sample that needs it."""
+  """Teaches the router's estimator what each encoded modality is worth to this sample: sigmoid(score) regresses,
+  by binary cross-entropy, the probability that the modality's own pretrain head names the digits (exp of minus its
+  per-position CE, held constant). A modality that cannot be read (blank, noise, a caption of other digits) earns a
+  low score and gives its capacity to a sample that needs it."""
   if "routing_aux" not in outputs:
     raise ValueError("objective term 'routing/utility' needs model output 'routing_aux': set model.routing.enabled")
   scores, logits = outputs["routing_aux"]["scores"], _output(outputs, "pretrain_logits", "routing/utility")
-  terms, metrics = [], {}
+  targets, terms, metrics = losses.digit_targets(batch["digits"], batch["num_digits"]), [], {}
   for m, score in scores.items():
-    targets = losses.digit_targets(batch["digits"], batch["num_digits"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[m].astype(jnp.float32), targets).mean(axis=1)
     utility = jax.lax.stop_gradient(jnp.exp(-ce))
     weight = sample_weight(batch) * modality_present(outputs, batch, m)  # encoded samples only: others had no read-out
