@@ -8,6 +8,7 @@ import pytest
 from crucible_jax.config import ConfigError, apply_override, load_experiment
 from crucible_jax.models import build_model
 from crucible_jax.parallel.mesh import build_mesh, check_batch_divisible
+from crucible_jax.parallel.precision import Policy
 
 EXPERIMENTS = sorted(pathlib.Path(__file__).parent.parent.glob("experiments/*.py"))
 DIGIT_WORLD = str(pathlib.Path(__file__).parent.parent / "experiments" / "digit_world.py")
@@ -26,7 +27,7 @@ def _variants(path: pathlib.Path) -> list[str]:
 @pytest.mark.parametrize("spec", [f"{p}{v}" for p in EXPERIMENTS for v in _variants(p)])
 def test_experiment_parses_validates_and_builds(spec):
   config = load_experiment(spec)
-  build_model(config.model)
+  build_model(Policy.from_config(config.get("precision", {})).apply_to_model_config(config.model))  # as Experiment
   assert config.is_locked
   assert all(config.stages[name].steps >= 0 for name in config.stage_order)
 

@@ -337,6 +337,8 @@ def test_pos_std_sets_each_towers_positional_init_scale():
         (lambda c: setattr(c.audio, "stem", (8,) * 6), "audio.seconds"),
         (lambda c: setattr(c.video, "pos_std", 0.0), "video.pos_std"),
         (lambda c: setattr(c.heads, "vqa_reader", "mean"), "heads.vqa_reader"),
+        (lambda c: setattr(c, "attention", "flash"), "attention"),
+        (lambda c: setattr(c, "attention", "cudnn"), "cudnn"),  # f32 compute: cuDNN fuses only bf16/f16
     ],
 )
 def test_build_model_rejects_bad_configs_naming_the_key(edit, culprit):

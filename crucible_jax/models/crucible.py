@@ -17,7 +17,7 @@ from crucible_jax.models import encoders as enc
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock
 from crucible_jax.models.fusion import AdaptiveFusion
 from crucible_jax.models.heads import ClassifierHead, JointProjection, QueryPool, SlotAnswerHead, masked_mean_pool
-from crucible_jax.models.layers import Dtype, logical
+from crucible_jax.models.layers import ATTENTION_KERNELS, Dtype, logical
 from crucible_jax.models.melspec import num_frames
 from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode, routing_spec
 
@@ -40,6 +40,7 @@ class TowerSpec:
   dtype: Dtype
   stem: tuple[int, ...] = ()  # conv stem channels (image, video, audio); () = linear patch embedding
   pos_std: float = 0.02  # init std of the learned positional embedding
+  attention: str = "xla"  # attention kernel of the tower's blocks (layers.ATTENTION_KERNELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ class CrucibleModel(nn.Module):
     c, spec = self.config, self.config.tower(modality)
     kw = dict(
         width=spec.width, depth=spec.depth, num_heads=spec.heads, mlp_dim=spec.mlp,
-        pos_std=spec.pos_std, dtype=spec.dtype, param_dtype=c.param_dtype,
+        pos_std=spec.pos_std, dtype=spec.dtype, param_dtype=c.param_dtype, attention=spec.attention,
     )
     if modality != TEXT:
       kw["stem"] = spec.stem
@@ -325,7 +326,11 @@ def _tower(cfg: ml_collections.ConfigDict, m: str) -> TowerSpec:
   pos_std = cfg[m].get("pos_std", 0.02)
   if isinstance(pos_std, bool) or not isinstance(pos_std, (int, float)) or pos_std <= 0:
     raise ValueError(f"{m}.pos_std={pos_std!r} must be a positive number")
-  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem, float(pos_std))
+  attention = _choice(cfg, "attention", ATTENTION_KERNELS) if "attention" in cfg else "xla"
+  if attention == "cudnn" and dtype == jnp.float32:
+    raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype; {m} computes in float32")
+  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem, float(pos_std),
+                   attention)
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:

@@ -13,6 +13,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   cfg.joint_dim = 32  # width of the shared cross-modal embedding space (features)
   cfg.dtype = "float32"  # compute dtype of heads and of encoders without their own `dtype` ("float32"/"bfloat16")
   cfg.param_dtype = "float32"  # storage dtype of every param
+  cfg.attention = "xla"  # encoders' attention kernel: xla (einsums, any backend) | cudnn (fused, NVIDIA GPU, bf16/f16)
 
   cfg.image = image = ml_collections.ConfigDict()
   image.size = (16, 64)  # (height, width) of input images, pixels

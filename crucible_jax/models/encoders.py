@@ -23,6 +23,7 @@ class PositionalTransformer(nn.Module):
   pos_std: float = 0.02  # init std of the positional embedding, relative to unit-scale token features
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # attention kernel (layers.ATTENTION_KERNELS)
 
   @nn.compact
   def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b n d"]:
@@ -37,7 +38,8 @@ class PositionalTransformer(nn.Module):
     )
     x = x + jnp.asarray(pos[:length], self.dtype)[None]
     return Transformer(
-        self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="transformer"
+        self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+        attention=self.attention, name="transformer",
     )(x, mask)
 
 
@@ -77,6 +79,7 @@ class _Tower(nn.Module):
   pos_std: float = 0.02  # init std of the learned positional embedding
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # attention kernel (layers.ATTENTION_KERNELS)
 
   def apply_stem(self, x: Float[Array, "n h w c"]) -> Float[Array, "n h w f"]:
     """The conv stem over 2-D inputs (identity without one)."""
@@ -90,7 +93,8 @@ class _Tower(nn.Module):
     x = dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(patches.astype(self.dtype))
     x = nn.with_logical_constraint(x, TOKENS)
     return PositionalTransformer(
-        patches.shape[1], self.depth, self.num_heads, self.mlp_dim, self.pos_std, name="encoder", **kw
+        patches.shape[1], self.depth, self.num_heads, self.mlp_dim, self.pos_std, attention=self.attention,
+        name="encoder", **kw
     )(x, mask)
 
 
@@ -191,6 +195,7 @@ class TextEncoder(nn.Module):
   pos_std: float = 0.02  # init std of the learned positional embedding
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # attention kernel (layers.ATTENTION_KERNELS)
 
   @nn.compact
   def __call__(self, tokens: Int[Array, "b l"]) -> Encoded:
@@ -206,6 +211,6 @@ class TextEncoder(nn.Module):
         **kw,
     )(tokens)
     x = nn.with_logical_constraint(x, TOKENS)
-    x = PositionalTransformer(self.max_len, self.depth, self.num_heads, self.mlp_dim, self.pos_std, name="encoder",
-                              **kw)(x, mask)
+    x = PositionalTransformer(self.max_len, self.depth, self.num_heads, self.mlp_dim, self.pos_std,
+                              attention=self.attention, name="encoder", **kw)(x, mask)
     return x, mask

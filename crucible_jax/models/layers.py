@@ -107,12 +107,20 @@ class HeadMerge(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+ATTENTION_KERNELS = ("xla", "cudnn")
+
+
 class MultiHeadAttention(nn.Module):
-  """Queries from `x`, keys/values from `context`; softmax in f32; rows with no valid key output zeros."""
+  """Queries from `x`, keys/values from `context`; softmax in f32; rows with no valid key output zeros.
+
+  `kernel="xla"` spells attention out as einsums (any backend, any dtype); "cudnn" calls cuDNN's fused flash
+  attention (NVIDIA GPUs, bf16/f16), which never writes the [B, heads, Lq, Lk] logits to memory.
+  """
 
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel: str = "xla"
 
   @nn.compact
   def __call__(
@@ -132,9 +140,24 @@ class MultiHeadAttention(nn.Module):
     else:
       query = HeadProjection(self.num_heads, head_dim, name="query", **kw)(x)
       key, value = HeadProjection(self.num_heads, head_dim, count=2, name="kv", **kw)(context)
-    query = query * jnp.asarray(head_dim**-0.5, self.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     full_mask = as_attention_mask(mask, x.shape[1])
+    if self.kernel == "cudnn":
+      attended = jax.nn.dot_product_attention(
+          query, key, value, mask=None if full_mask is None else full_mask[:, None], implementation="cudnn")
+      if full_mask is not None:
+        attended = jnp.where(jnp.any(full_mask, axis=-1)[:, :, None, None], attended, 0.0)
+    elif self.kernel == "xla":
+      attended = self._einsum_attention(query, key, value, full_mask)
+    else:
+      raise ValueError(f"attention kernel {self.kernel!r}: expected one of {ATTENTION_KERNELS}")
+    return HeadMerge(width, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(attended)
+
+  def _einsum_attention(
+      self, query: Float[Array, "b q h k"], key: Float[Array, "b l h k"], value: Float[Array, "b l h k"],
+      full_mask: Bool[Array, "b q l"] | None,
+  ) -> Float[Array, "b q h k"]:
+    query = query * jnp.asarray(query.shape[-1]**-0.5, self.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     if full_mask is not None:
       logits = jnp.where(full_mask[:, None], logits, -jnp.inf)
       has_key = jnp.any(full_mask, axis=-1)[:, None, :, None]
@@ -142,8 +165,7 @@ class MultiHeadAttention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1)
     if full_mask is not None:
       probs = jnp.where(has_key, probs, 0.0)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
-    return HeadMerge(width, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(attended)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), value)
 
 
 class Mlp(nn.Module):
@@ -170,12 +192,13 @@ class TransformerBlock(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # MultiHeadAttention kernel
 
   @nn.compact
   def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None = None) -> Float[Array, "b n d"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layer_norm(name="ln_attn", **kw)(x)
-    x = x + MultiHeadAttention(self.num_heads, name="attn", **kw)(h, mask=mask)
+    x = x + MultiHeadAttention(self.num_heads, kernel=self.attention, name="attn", **kw)(h, mask=mask)
     x = nn.with_logical_constraint(x, TOKENS)
     h = layer_norm(name="ln_mlp", **kw)(x)
     x = x + Mlp(self.mlp_dim, name="mlp", **kw)(h)
@@ -190,11 +213,12 @@ class Transformer(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"  # MultiHeadAttention kernel
 
   @nn.compact
   def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None = None) -> Float[Array, "b n d"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x.astype(self.dtype), TOKENS)
     for i in range(self.depth):
-      x = TransformerBlock(self.num_heads, self.mlp_dim, name=f"block_{i}", **kw)(x, mask)
+      x = TransformerBlock(self.num_heads, self.mlp_dim, attention=self.attention, name=f"block_{i}", **kw)(x, mask)
     return layer_norm(name="ln_final", **kw)(x)
