@@ -6,6 +6,8 @@ Spec keys (weight 0 = off): `pretrain/<m>`, `contrastive/<a>-<b>`, `vqa`, `taggi
 Every term's value is reported as `loss/<key>`, so a gradient-balancing scheme can read the per-term losses.
 """
 
+import functools
+import operator
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -61,6 +63,12 @@ def modality_intact(batch: Batch, modality: str) -> Array | bool:
   return True if flags is None else ~flags
 
 
+def modality_usable(outputs: Outputs, batch: Batch, *modalities: str) -> Array:
+  """Samples where every one of `modalities` is present, encoded and intact: what a unimodal target may read."""
+  usable = [modality_present(outputs, batch, m) & modality_intact(batch, m) for m in modalities]
+  return functools.reduce(operator.and_, usable)
+
+
 def string_accuracy(logits: Array, digits: Array, num_digits: Array, weight: Array) -> Array:
   """Weighted share of samples whose every position (digits and NO_DIGIT tail) is predicted right."""
   exact = jnp.all(jnp.argmax(logits, axis=-1) == losses.digit_targets(digits, num_digits), axis=-1)
@@ -70,7 +78,7 @@ def string_accuracy(logits: Array, digits: Array, num_digits: Array, weight: Arr
 def _pretrain_term(modality: str, key: str) -> TermFn:
   def term(outputs, batch):
     logits = _output(outputs, "pretrain_logits", key)[modality]
-    weight = sample_weight(batch) * (modality_present(outputs, batch, modality) & modality_intact(batch, modality))
+    weight = sample_weight(batch) * modality_usable(outputs, batch, modality)
     loss = losses.digit_string_loss(logits, batch["digits"], batch["num_digits"], weight)
     return loss, {f"acc/{key}": string_accuracy(logits, batch["digits"], batch["num_digits"], weight)}
   return term
@@ -82,9 +90,7 @@ def _contrastive_term(first: str, second: str, key: str, loss_kind: str, mesh: M
     embeddings = _output(outputs, "embeddings", key)
     a, b = embeddings[first], embeddings[second]
     weight = sample_weight(batch)
-    valid = modality_present(outputs, batch, first) & modality_present(outputs, batch, second)
-    kwargs = dict(valid=valid & modality_intact(batch, first) & modality_intact(batch, second),
-                  ids=batch["string_id"], weight=weight)
+    kwargs = dict(valid=modality_usable(outputs, batch, first, second), ids=batch["string_id"], weight=weight)
     scale = _output(outputs, "logit_scale", key)
     if loss_kind == "clip":
       loss = (losses.clip_loss(a, b, scale, **kwargs) if mesh is None
@@ -126,7 +132,7 @@ def _tagging_term(outputs, batch):
 
 
 def _asr_term(outputs, batch):
-  weight = sample_weight(batch) * (modality_present(outputs, batch, AUDIO) & modality_intact(batch, AUDIO))
+  weight = sample_weight(batch) * modality_usable(outputs, batch, AUDIO)
   loss = losses.ctc_loss(_output(outputs, "ctc_logits", "asr"), _output(outputs, "ctc_mask", "asr"),
                          batch["digits"], batch["num_digits"], weight)
   return loss, {}
@@ -149,7 +155,7 @@ def _caption_term(modality: str, key: str) -> TermFn:
     _, targets, mask = caption_tokens(batch["digits"], batch["num_digits"], logits.shape[1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     per_sample = jnp.sum(ce * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
-    weight = sample_weight(batch) * (modality_present(outputs, batch, modality) & modality_intact(batch, modality))
+    weight = sample_weight(batch) * modality_usable(outputs, batch, modality)
     exact = jnp.all((jnp.argmax(logits, axis=-1) == targets) | ~mask, axis=1).astype(jnp.float32)
     return losses.weighted_mean(per_sample, weight), {f"acc/{key}": losses.weighted_mean(exact, weight)}
   return term
@@ -165,7 +171,7 @@ def _imagine_term(modality: str, key: str, reference_glyphs: np.ndarray | None) 
     target = batch[IMAGE] if reference_glyphs is None else reference_images(
         reference_glyphs, batch["digits"], batch[IMAGE].shape[2])
     error = jnp.square(images[modality].astype(jnp.float32) - target.astype(jnp.float32))
-    weight = sample_weight(batch) * (modality_present(outputs, batch, modality) & modality_intact(batch, modality))
+    weight = sample_weight(batch) * modality_usable(outputs, batch, modality)
     weight = weight * batch.get(present_key(IMAGE), jnp.ones_like(weight, bool)) * modality_intact(batch, IMAGE)
     return losses.weighted_mean(jnp.mean(error, axis=(1, 2, 3)), weight), {}
   return term
