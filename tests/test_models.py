@@ -13,7 +13,7 @@ from crucible_jax.models import ALL_HEADS, build_model, default_model_config, ex
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock, CrossModalAttention
 from crucible_jax.models.encoders import AudioEncoder
 from crucible_jax.models.fusion import AdaptiveFusion
-from crucible_jax.models.heads import SlotAnswerHead
+from crucible_jax.models.heads import ClassifierHead, SlotAnswerHead
 from crucible_jax.models.melspec import log_mel_spectrogram
 
 B = 2
@@ -160,6 +160,18 @@ def test_slot_answer_head_reads_each_slot_by_its_index_and_the_question():
   variables = jax.jit(lambda b: model.init(KEY, b, heads=("vqa",)))(batch)
   assert "vqa_head" in variables["params"] and "message_in" in variables["params"]["vqa_head"]
   assert model.apply(variables, batch, heads=("vqa",))["vqa_logits"].shape == (B, cfg.heads.num_answers)
+
+
+def test_classifier_head_without_normalization_keeps_the_inputs_scale():
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 8)), jnp.float32)
+  x = x - x.mean(axis=-1, keepdims=True)  # zero-mean rows: LN maps x and 3x to the same vector
+  for normalize, scale_matters in ((True, False), (False, True)):
+    head = ClassifierHead(num_classes=5, hidden=16, normalize=normalize)
+    params = head.init(KEY, x)
+    gap = float(jnp.abs(head.apply(params, 3 * x) - head.apply(params, x)).max())
+    assert (gap > 1e-3) == scale_matters, (normalize, gap)
+  slot_head = SlotAnswerHead(num_classes=5, hidden=16).init(KEY, x, jnp.ones((2, 3, 8)))
+  assert "ln" not in slot_head["params"]["answer"]  # a Deep Sets sum keeps its magnitude
 
 
 @pytest.fixture(scope="module")

@@ -43,17 +43,22 @@ class JointProjection(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-  """LN (+ optional gelu MLP of `hidden` units) + Dense to `num_classes` f32 logits."""
+  """LN (+ optional gelu MLP of `hidden` units) + Dense to `num_classes` f32 logits.
+
+  `normalize=False` skips the LN for inputs whose scale is the signal, such as a sum of per-item messages.
+  """
 
   num_classes: int
   hidden: int | None = None
+  normalize: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... k"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = layer_norm(name="ln", **kw)(x)
+    if self.normalize:
+      x = layer_norm(name="ln", **kw)(x)
     if self.hidden:
       x = x + Mlp(self.hidden, name="mlp", **kw)(x)
     return dense(self.num_classes, (EMBED, CLASSES), name="logits", **kw)(x).astype(jnp.float32)
@@ -103,4 +108,6 @@ class SlotAnswerHead(nn.Module):
     x = jnp.concatenate([layer_norm(name="ln_slots", **kw)(slots), index, asked], axis=-1)
     message = nn.gelu(dense(self.hidden, (EMBED, MLP), name="message_in", **kw)(x))
     message = dense(self.hidden, (MLP, EMBED), name="message_out", **kw)(message)
-    return ClassifierHead(self.num_classes, hidden=self.hidden, name="answer", **kw)(jnp.sum(message, axis=1))
+    # no LN on the sum: it would divide out the magnitude that carries "how many" and "how much"
+    answer = ClassifierHead(self.num_classes, hidden=self.hidden, normalize=False, name="answer", **kw)
+    return answer(jnp.sum(message, axis=1))
