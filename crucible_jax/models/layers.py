@@ -156,6 +156,7 @@ class MultiHeadAttention(nn.Module):
       self, query: Float[Array, "b q h k"], key: Float[Array, "b l h k"], value: Float[Array, "b l h k"],
       full_mask: Bool[Array, "b q l"] | None,
   ) -> Float[Array, "b q h k"]:
+    """Scores, masked f32 softmax and mixing as plain einsums: runs on every backend and in every dtype."""
     query = query * jnp.asarray(query.shape[-1]**-0.5, self.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
     if full_mask is not None:
