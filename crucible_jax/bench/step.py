@@ -61,7 +61,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   gpu = jax.default_backend() == "gpu"
   sizes = (1024, 2048, 3072, 4096) + ((8192,) if gpu else ())
   peak = matmul_peak("bfloat16" if compute == "bfloat16" else "float32", sizes=sizes, repeats=10 if gpu else 1)
-  mesh_peak = peak["peak_flops_per_s"] * experiment.mesh.size
+  # simulated CPU devices share one host's cores; an accelerator brings its own matmul units
+  mesh_peak = peak["peak_flops_per_s"] * (jax.process_count() if jax.default_backend() == "cpu" else experiment.mesh.size)
   analytic = contrastive_train_flops(config.model, config.batch_size)
   # XLA's GPU cost analysis skips library calls (cuBLAS GEMMs, cuDNN attention): there the analytic count is the one
   model_flops = analytic if gpu else xla_flops
@@ -83,5 +84,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "fraction_of_peak": flops_per_s / mesh_peak,
       "analytic_fraction_of_peak": analytic / seconds / mesh_peak,
       "note": "step_s is the best of bench_steps timed steps; FLOPs are the whole step's over the mesh; peak is the "
-              "best square matmul measured on one device in this process, times the mesh's devices",
+              "best square matmul measured on one device in this process, times the mesh's accelerators (CPU: "
+              "times the processes, as simulated CPU devices share one host's cores)",
   }

@@ -67,7 +67,8 @@ def as_attention_mask(mask: Bool[Array, "..."] | None, q_len: int) -> Bool[Array
 class HeadProjection(nn.Module):
   """[B, L, embed] → `count` × [B, L, heads, kv]; kernel (embed, [count,] heads, kv) so each axis keeps its name.
 
-  `count=3` is the fused q/k/v projection of self-attention: one wide GEMM instead of three narrow ones.
+  `count=3` is the fused q/k/v projection of self-attention: one wide GEMM instead of three narrow ones, whose
+  [B, L, count, heads, kv] output is the GEMM's own row-major layout (a leading `count` axis cost a transpose).
   """
 
   num_heads: int
@@ -85,10 +86,9 @@ class HeadProjection(nn.Module):
     init = nn.initializers.lecun_normal(in_axis=0, out_axis=tuple(range(1, len(shape))))
     kernel = self.param("kernel", logical(init, names), shape, self.param_dtype)
     bias = self.param("bias", logical(nn.initializers.zeros_init(), names[1:]), shape[1:], self.param_dtype)
-    spec = "bld,dthk->tblhk" if stacked else "bld,dhk->blhk"
-    y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype))
-    bias = bias.astype(self.dtype)
-    return y + (bias[:, None, None] if stacked else bias)
+    spec = "bld,dthk->blthk" if stacked else "bld,dhk->blhk"
+    y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return tuple(y[:, :, i] for i in range(self.count)) if stacked else y
 
 
 class HeadMerge(nn.Module):

@@ -144,7 +144,13 @@ class Experiment:
     batch_shardings = {key: self.batch_sharding for key in self.example_batch(1)}
     return jax.jit(step_lib.make_train_step(loss_fn, grad_fn=grad_fn),
                    in_shardings=(shardings, batch_shardings, self.replicated),
-                   out_shardings=(shardings, self.replicated), donate_argnums=0)
+                   out_shardings=(shardings, self.replicated), donate_argnums=0,
+                   compiler_options=self._train_step_compiler_options())
+
+  def _train_step_compiler_options(self) -> dict[str, Any] | None:
+    """XLA options for the train step on this mesh's platform."""
+    cpu = self.mesh.devices.flat[0].platform == "cpu"
+    return dict(step_lib.CPU_TRAIN_STEP_COMPILER_OPTIONS) if cpu else None
 
   def eval_step(self, heads: tuple[str, ...]) -> Callable:
     """Jitted `eval_step(params, batch) -> outputs`."""
