@@ -58,11 +58,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         jax.block_until_ready([one_step() for _ in range(3)])
   compute = str(config.precision.compute)
   # an accelerator's matmul units fill only at larger sizes than a CPU's: 8192^2 reaches an H200's bf16 plateau
-  gpu = jax.default_backend() == "gpu"
+  gpu = experiment.platform == "gpu"
   sizes = (1024, 2048, 3072, 4096) + ((8192,) if gpu else ())
   peak = matmul_peak("bfloat16" if compute == "bfloat16" else "float32", sizes=sizes, repeats=10 if gpu else 1)
   # simulated CPU devices share one host's cores; an accelerator brings its own matmul units
-  mesh_peak = peak["peak_flops_per_s"] * (jax.process_count() if jax.default_backend() == "cpu" else experiment.mesh.size)
+  chips = jax.process_count() if experiment.platform == "cpu" else experiment.mesh.size
+  mesh_peak = peak["peak_flops_per_s"] * chips
   analytic = contrastive_train_flops(config.model, config.batch_size)
   # XLA's GPU cost analysis skips library calls (cuBLAS GEMMs, cuDNN attention): there the analytic count is the one
   model_flops = analytic if gpu else xla_flops

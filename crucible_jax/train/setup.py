@@ -85,6 +85,11 @@ class Experiment:
                                                   mesh=ring_mesh, reference_glyphs=self._reference_glyphs)
     return tx, frozen, heads, objective
 
+  @property
+  def platform(self) -> str:
+    """The mesh's device platform ("cpu", "gpu", "tpu"): what platform-specific compile and bench choices key on."""
+    return self.mesh.devices.flat[0].platform
+
   @functools.cached_property
   def _reference_glyphs(self) -> Any:
     """DigitWorld's reference glyphs when `model.converter.image_target` asks for them (config validation checked
@@ -145,12 +150,7 @@ class Experiment:
     return jax.jit(step_lib.make_train_step(loss_fn, grad_fn=grad_fn),
                    in_shardings=(shardings, batch_shardings, self.replicated),
                    out_shardings=(shardings, self.replicated), donate_argnums=0,
-                   compiler_options=self._train_step_compiler_options())
-
-  def _train_step_compiler_options(self) -> dict[str, Any] | None:
-    """XLA options for the train step on this mesh's platform."""
-    cpu = self.mesh.devices.flat[0].platform == "cpu"
-    return dict(step_lib.CPU_TRAIN_STEP_COMPILER_OPTIONS) if cpu else None
+                   compiler_options=step_lib.CPU_TRAIN_STEP_COMPILER_OPTIONS if self.platform == "cpu" else None)
 
   def eval_step(self, heads: tuple[str, ...]) -> Callable:
     """Jitted `eval_step(params, batch) -> outputs`."""
