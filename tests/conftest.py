@@ -2,7 +2,14 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Compile fast, not run fast: the suite's tiny programs run a few steps each, so XLA:CPU's compile (LLVM at O2 with
+# the fusion emitters: ~100 s of a tiny three-stage run's 150) dominates it. Subprocesses (CLI, notebook kernel)
+# inherit these; production runs keep XLA's defaults.
+TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+                  "--xla_cpu_use_fusion_emitters=false")
+_given = os.environ.get("XLA_FLAGS", "").split()
+os.environ["XLA_FLAGS"] = " ".join(
+    _given + [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in {g.split("=")[0] for g in _given}])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
