@@ -4,7 +4,7 @@ import os
 
 # Compile fast, not run fast: the suite's tiny programs run a few steps each, so XLA:CPU's compile (LLVM at O2 with
 # the fusion emitters: ~100 s of a tiny three-stage run's 150) dominates it. Subprocesses (CLI, notebook kernel)
-# inherit these; production runs keep XLA's defaults.
+# inherit these, and they win over the per-program CPU options of crucible_jax/train/step.py that production uses.
 TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
                   "--xla_cpu_use_fusion_emitters=false")
 _given = os.environ.get("XLA_FLAGS", "").split()

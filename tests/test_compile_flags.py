@@ -1,6 +1,6 @@
-"""The suite compiles with fast-compile XLA:CPU flags (conftest.TEST_XLA_FLAGS); production runs compile with XLA's
-defaults. The joint stage's loss and gradients must not depend on which: checked here against a subprocess that
-compiles the same program with the defaults."""
+"""The suite compiles with fast-compile XLA:CPU flags (conftest.TEST_XLA_FLAGS); production runs compile optimised
+code. The joint stage's loss and gradients must not depend on which: checked here against a subprocess that compiles
+the same program with XLA's default flags. And flags set in XLA_FLAGS win over a program's own CPU options."""
 
 import os
 import pathlib
@@ -45,6 +45,16 @@ def test_fast_compile_flags_give_the_numbers_of_xlas_defaults(tmp_path):
   assert len(grads) == len(reference.files) - 1
   for i, g in enumerate(grads):
     np.testing.assert_allclose(g, reference[f"grad_{i}"], rtol=1e-4, atol=1e-6, err_msg=f"gradient leaf {i}")
+
+
+def test_xla_flags_in_the_environment_win_over_the_programs_cpu_compile_options(monkeypatch):
+  options = {**step_lib.CPU_TRAIN_STEP_COMPILER_OPTIONS, "xla_cpu_use_fusion_emitters": False}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=2")
+  chosen = step_lib.compiler_options(options, "cpu")
+  assert chosen == {"xla_cpu_copy_insertion_use_region_analysis": True, "xla_cpu_use_fusion_emitters": False}
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert step_lib.compiler_options(options, "cpu") == options
+  assert step_lib.compiler_options(options, "gpu") is None
 
 
 if __name__ == "__main__":  # the reference: run as a script with XLA's default flags

@@ -46,7 +46,8 @@ class Experiment:
     self.param_shardings = rules_lib.logical_to_shardings(boxed, self.mesh, self.rules)
     self.abstract_params = nn.meta.unbox(boxed)
     self._check_param_patterns()
-    self._jitted_init = jax.jit(lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=self.param_shardings)
+    self._jitted_init = jax.jit(lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=self.param_shardings,
+                                compiler_options=self._compiler_options(step_lib.CPU_RUN_ONCE_COMPILER_OPTIONS))
 
   def _check_param_patterns(self) -> None:
     """Every `carry`/`frozen` regex must match a param path: a typo would silently train from scratch."""
@@ -90,6 +91,10 @@ class Experiment:
     """The mesh's device platform ("cpu", "gpu", "tpu"): what platform-specific compile and bench choices key on."""
     return self.mesh.devices.flat[0].platform
 
+  def _compiler_options(self, cpu_options: dict[str, Any]) -> dict[str, Any] | None:
+    """XLA compile options of one of this mesh's programs: `cpu_options` on a CPU mesh, none elsewhere."""
+    return step_lib.compiler_options(cpu_options, self.platform)
+
   @functools.cached_property
   def _reference_glyphs(self) -> Any:
     """DigitWorld's reference glyphs when `model.converter.image_target` asks for them (config validation checked
@@ -132,7 +137,8 @@ class Experiment:
   def new_state(self, make: Callable, shardings: TrainState, params: Any) -> TrainState:
     """A fresh train state around `params`, laid out on the mesh."""
     with jax.set_mesh(self.mesh):
-      return jax.jit(make, out_shardings=shardings)(params)
+      return jax.jit(make, out_shardings=shardings,
+                     compiler_options=self._compiler_options(step_lib.CPU_RUN_ONCE_COMPILER_OPTIONS))(params)
 
   def train_step(self, plan: stages_lib.StagePlan, shardings: TrainState) -> Callable:
     """The stage's jitted `train_step(state, batch, rng)`, donating the state."""
@@ -150,8 +156,9 @@ class Experiment:
     return jax.jit(step_lib.make_train_step(loss_fn, grad_fn=grad_fn),
                    in_shardings=(shardings, batch_shardings, self.replicated),
                    out_shardings=(shardings, self.replicated), donate_argnums=0,
-                   compiler_options=step_lib.CPU_TRAIN_STEP_COMPILER_OPTIONS if self.platform == "cpu" else None)
+                   compiler_options=self._compiler_options(step_lib.CPU_TRAIN_STEP_COMPILER_OPTIONS))
 
   def eval_step(self, heads: tuple[str, ...]) -> Callable:
     """Jitted `eval_step(params, batch) -> outputs`."""
-    return jax.jit(step_lib.make_eval_step(self.model, heads, self.rules))
+    return jax.jit(step_lib.make_eval_step(self.model, heads, self.rules),
+                   compiler_options=self._compiler_options(step_lib.CPU_STEP_COMPILER_OPTIONS))

@@ -1,5 +1,6 @@
 """Pure train and eval steps: built once per stage, compiled once with `jax.jit`."""
 
+import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -16,9 +17,22 @@ Metrics = dict[str, jax.Array]
 Rules = tuple[tuple[str, Any], ...]
 
 
+# XLA:CPU compiles loop fusions with LLVM; at O1 the steps compile ~25% faster than at O2 and run as fast (their time
+# is in library GEMMs; BUILD_NOTES.md, "compile options"). Programs run once (init) compile at O0 with the legacy
+# emitters, ~2x faster still.
+CPU_STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 # XLA:CPU's default copy insertion copies every Adam moment at entry when the skip-on-non-finite `where` reads the
 # old state beside the new (506 copies in the CLIP bench step, all of mu and nu); region analysis proves them unneeded.
-CPU_TRAIN_STEP_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+CPU_TRAIN_STEP_COMPILER_OPTIONS = {**CPU_STEP_COMPILER_OPTIONS, "xla_cpu_copy_insertion_use_region_analysis": True}
+CPU_RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def compiler_options(options: Mapping[str, Any], platform: str) -> dict[str, Any] | None:
+  """`options` for a CPU program, less those the XLA_FLAGS environment sets (the user's flags win); None elsewhere."""
+  if platform != "cpu":
+    return None
+  given = {flag.split("=")[0].lstrip("-") for flag in os.environ.get("XLA_FLAGS", "").split()}
+  return {k: v for k, v in options.items() if k not in given}
 
 
 def all_finite(tree: Any) -> jax.Array:
