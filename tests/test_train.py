@@ -3,6 +3,7 @@
 import json
 import pathlib
 import signal
+import threading
 
 import jax
 import numpy as np
@@ -38,11 +39,35 @@ def _run(workdir, overrides=(), *, stop_at=None, mesh=None):
     trainer.close()
 
 
+_COMPILES: list[tuple[str, str]] | None = None  # (program, thread) of each XLA compile while recording
+
+
+def _record_compile(event: str, duration: float, **kwargs) -> None:
+  if _COMPILES is not None and event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES.append((kwargs.get("fun_name", ""), threading.current_thread().name))
+
+
+jax.monitoring.register_event_duration_secs_listener(_record_compile)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+  global _COMPILES
   workdir = tmp_path_factory.mktemp("straight")
-  trainer, results = _run(workdir)
+  _COMPILES = []
+  try:
+    trainer, results = _run(workdir)
+    trainer.compiles = list(_COMPILES)
+  finally:
+    _COMPILES = None
   return workdir, trainer, results
+
+
+def test_the_second_stage_step_compiles_once_in_the_background_and_is_reused(uninterrupted):
+  _, trainer, _ = uninterrupted
+  steps = [thread for name, thread in trainer.compiles if name == "jit(train_step)"]
+  assert len(steps) == 2, trainer.compiles  # one program per stage: the stage's call found its program compiled
+  assert steps.count(threading.main_thread().name) == 1 and any(t.startswith("stage-compile") for t in steps), steps
 
 
 def test_results_json_and_metrics_written(uninterrupted):

@@ -21,6 +21,7 @@ from crucible_jax.train import curriculum, stages as stages_lib
 from crucible_jax.train.checkpoint import Checkpointer
 from crucible_jax.train.evaluate import evaluate_split
 from crucible_jax.train.hooks import HookEntry, MetricSink, Progress, StepInfo, scalars_of
+from crucible_jax.train.programs import StagePrograms
 from crucible_jax.train.setup import Experiment
 
 
@@ -87,19 +88,23 @@ class Trainer:
     meta = self.checkpointer.restore_meta(latest) if latest is not None else None
     first = meta["stage_index"] if meta else 0
     params = None
-    for plan in self.plans[first:]:
-      resume = meta if (meta and meta["stage_index"] == plan.index) else None
-      params = self._train_stage(plan, params, iterator, resume, latest)
+    programs = StagePrograms(self.experiment, self.plans[first:], self._base_rng)
+    try:
+      for plan in self.plans[first:]:
+        resume = meta if (meta and meta["stage_index"] == plan.index) else None
+        params = self._train_stage(plan, params, iterator, resume, latest, programs)
+    finally:
+      programs.close()
     return params
 
-  def _train_stage(self, plan, previous_params, iterator, resume: dict | None, latest: int | None) -> Any:
+  def _train_stage(self, plan, previous_params, iterator, resume: dict | None, latest: int | None,
+                   programs: StagePrograms) -> Any:
     if resume is not None and resume["stage_step"] >= plan.steps:  # finished: its params move on (model may grow)
       abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                      self.experiment.abstract_params, self.experiment.param_shardings)
       print(f"stage {plan.name!r} finished at global step {plan.end}: its params carry on", file=sys.stderr)
       return self.checkpointer.restore_params(latest, abstract_params, iterator)
-    tx, *_ = self.experiment.stage_parts(plan)
-    abstract, make, shardings = self.experiment.state_layout(tx)
+    abstract, make, shardings, train_step = programs.get(plan)
     if resume is not None:
       state = self.checkpointer.restore(latest, abstract, iterator)
       print(f"resumed stage {plan.name!r} at step {int(state.step)} (global {latest})", file=sys.stderr)
@@ -107,7 +112,6 @@ class Trainer:
       fresh = self.experiment.init_params(jax.random.fold_in(self._base_rng, 1000 + plan.index))
       params = fresh if previous_params is None else stages_lib.handoff(previous_params, fresh, tuple(plan.cfg.carry))
       state = self.experiment.new_state(make, shardings, params)
-    train_step = self.experiment.train_step(plan, shardings)
     stage_step = int(state.step)
     with jax.set_mesh(self.mesh):
       while stage_step < plan.steps:
