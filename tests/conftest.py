@@ -7,9 +7,7 @@ import os
 # inherit these, and they win over the per-program CPU options of crucible_jax/train/step.py that production uses.
 TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
                   "--xla_cpu_use_fusion_emitters=false")
-_given = os.environ.get("XLA_FLAGS", "").split()
-os.environ["XLA_FLAGS"] = " ".join(
-    _given + [f for f in TEST_XLA_FLAGS if f.split("=")[0] not in {g.split("=")[0] for g in _given}])
+os.environ["XLA_FLAGS"] = " ".join((*TEST_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")))  # XLA: a later flag wins
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -124,12 +124,8 @@ def method_config(config: ml_collections.ConfigDict, method: str, steps: int) ->
 def compile_method(config: ml_collections.ConfigDict, method: str, steps: int = STEPS) -> dict[str, Any]:
   """Experiment, initial state, compiled step and HLO traffic of one compression method."""
   experiment = Experiment(method_config(config, method, steps))
-  plan = experiment.plans[0]
-  tx, *_ = experiment.stage_parts(plan)
-  abstract, make, shardings = experiment.state_layout(tx)
-  step = experiment.train_step(plan, shardings)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=experiment.batch_sharding)
-           for k, v in experiment.example_batch().items()}
+  abstract, make, shardings, step = experiment.stage_program(experiment.plans[0])
+  batch = experiment.abstract_batch()
   start = time.perf_counter()
   with jax.set_mesh(experiment.mesh):
     compiled = step.lower(abstract, batch, jax.random.key(0)).compile()

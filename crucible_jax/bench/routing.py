@@ -120,13 +120,12 @@ def program_flops(exp: Experiment, params: Any, eval_batch: int) -> tuple[float,
   """(eval-forward FLOPs/sample, last-stage train-step FLOPs/sample, compiled forward) from XLA cost analysis."""
   heads = tuple(sorted({h for e in build_evaluators(dict(exp.config.evals)).values() for h in e.heads}))
   eval_step, plan = exp.eval_step(heads), exp.plans[-1]
-  tx, *_ = exp.stage_parts(plan)
-  abstract, _, shardings = exp.state_layout(tx)
+  program = exp.stage_program(plan)
   batch = jax.device_put(exp.example_batch(eval_batch), exp.batch_sharding)
   train_batch = jax.device_put(exp.example_batch(), exp.batch_sharding)
   with jax.set_mesh(exp.mesh):
     forward = eval_step.lower(params, batch).compile()
-    train = exp.train_step(plan, shardings).lower(abstract, train_batch, jax.random.key(0)).compile()
+    train = program.train_step.lower(program.abstract, train_batch, jax.random.key(0)).compile()
   return compiled_flops(forward) / eval_batch, compiled_flops(train) / int(exp.config.batch_size), forward
 
 

@@ -69,8 +69,7 @@ def state_bytes(abstract: Any) -> dict[str, int]:
 def measure(config: ml_collections.ConfigDict, layout: str, n: int) -> dict[str, Any]:
   """Compile the first stage's step for `layout` on the first `n` devices; memory, traffic and FLOPs."""
   experiment, abstract, shardings = layout_setup(config, layout, n)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=experiment.batch_sharding)
-           for k, v in experiment.example_batch().items()}
+  batch = experiment.abstract_batch()
   with jax.set_mesh(experiment.mesh):
     step = experiment.train_step(experiment.plans[0], shardings)
     compiled = step.lower(abstract, batch, jax.random.key(0)).compile()

@@ -31,11 +31,10 @@ def random_batch(experiment: Experiment, seed: int = 0) -> dict[str, np.ndarray]
 
 def stage_step_inputs(experiment: Experiment, plan, seed: int) -> tuple[Any, Any, Any, jax.Array]:
   """A stage's jitted train step with a fresh sharded state, a random batch on the mesh and an rng: what a timer needs."""
-  tx, *_ = experiment.stage_parts(plan)
-  _, make, shardings = experiment.state_layout(tx)
-  state = experiment.new_state(make, shardings, experiment.init_params(jax.random.key(seed)))
+  program = experiment.stage_program(plan)
+  state = experiment.new_state(program.make, program.shardings, experiment.init_params(jax.random.key(seed)))
   batch = jax.device_put(random_batch(experiment), experiment.batch_sharding)
-  return experiment.train_step(plan, shardings), state, batch, jax.random.key(1)
+  return program.train_step, state, batch, jax.random.key(1)
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -7,29 +7,11 @@ finds it compiled. Were the avals to differ, that call would compile again — s
 """
 
 import concurrent.futures
-from typing import Any, Callable, NamedTuple
 
 import jax
 
 from crucible_jax.train import stages as stages_lib
-from crucible_jax.train.setup import Experiment
-from crucible_jax.train.state import TrainState
-
-
-class StageProgram(NamedTuple):
-  """A stage's state layout and its jitted train step (compiled, when built by `StagePrograms`)."""
-
-  abstract: TrainState  # ShapeDtypeStructs with shardings
-  make: Callable[[Any], TrainState]  # params -> fresh state
-  shardings: TrainState
-  train_step: Callable
-
-
-def build_program(experiment: Experiment, plan: stages_lib.StagePlan) -> StageProgram:
-  """The stage's layout and jitted train step; nothing compiled yet."""
-  tx, *_ = experiment.stage_parts(plan)
-  abstract, make, shardings = experiment.state_layout(tx)
-  return StageProgram(abstract, make, shardings, experiment.train_step(plan, shardings))
+from crucible_jax.train.setup import Experiment, StageProgram
 
 
 class StagePrograms:
@@ -37,15 +19,13 @@ class StagePrograms:
 
   def __init__(self, experiment: Experiment, plans: list[stages_lib.StagePlan], rng: jax.Array):
     self._experiment = experiment
-    batch = experiment.example_batch()
-    self._batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=experiment.batch_sharding)
-                   for k, v in batch.items()}
+    self._batch = experiment.abstract_batch()
     self._rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=experiment.replicated)  # as made under the mesh
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage-compile")
     self._futures = {plan.index: self._pool.submit(self._compiled, plan) for plan in plans[1:]}
 
   def _compiled(self, plan: stages_lib.StagePlan) -> StageProgram:
-    program = build_program(self._experiment, plan)
+    program = self._experiment.stage_program(plan)
     with jax.set_mesh(self._experiment.mesh):
       program.train_step.lower(program.abstract, self._batch, self._rng).compile()
     return program
@@ -53,7 +33,7 @@ class StagePrograms:
   def get(self, plan: stages_lib.StagePlan) -> StageProgram:
     """The stage's program; waits for its background compile if one is running (re-raising its error)."""
     future = self._futures.pop(plan.index, None)
-    return future.result() if future is not None else build_program(self._experiment, plan)
+    return future.result() if future is not None else self._experiment.stage_program(plan)
 
   def close(self) -> None:
     """Drop compiles not yet started and wait for a running one (a thread cannot be stopped inside XLA)."""

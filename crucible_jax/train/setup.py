@@ -5,7 +5,7 @@ machine without grain or tfds.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import re
 
@@ -21,6 +21,15 @@ from crucible_jax.models import ALL_HEADS, build_model
 from crucible_jax.parallel import compression, mesh as mesh_lib, precision, rules as rules_lib
 from crucible_jax.train import objectives, optim, stages as stages_lib, step as step_lib
 from crucible_jax.train.state import TrainState
+
+
+class StageProgram(NamedTuple):
+  """A stage's state layout and its jitted train step."""
+
+  abstract: TrainState  # ShapeDtypeStructs with shardings
+  make: Callable[[Any], TrainState]  # params -> fresh state
+  shardings: TrainState
+  train_step: Callable
 
 
 class Experiment:
@@ -62,6 +71,11 @@ class Experiment:
   def example_batch(self, batch_size: int | None = None) -> dict:
     """Zeros in the batch schema's shapes."""
     return example_batch(self.config.data, batch_size or self.config.batch_size)
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The training batch's shapes and dtypes laid out on the mesh: what lowering a train step takes."""
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+            for k, v in self.example_batch().items()}
 
   def _init_boxed(self, rng: jax.Array) -> Any:
     with nn.logical_axis_rules(self.rules):
@@ -140,9 +154,18 @@ class Experiment:
       return jax.jit(make, out_shardings=shardings,
                      compiler_options=self._compiler_options(step_lib.CPU_RUN_ONCE_COMPILER_OPTIONS))(params)
 
+  def stage_program(self, plan: stages_lib.StagePlan) -> StageProgram:
+    """The stage's state layout and jitted train step (nothing compiled yet)."""
+    parts = self.stage_parts(plan)
+    abstract, make, shardings = self.state_layout(parts[0])
+    return StageProgram(abstract, make, shardings, self._jit_train_step(plan, parts, shardings))
+
   def train_step(self, plan: stages_lib.StagePlan, shardings: TrainState) -> Callable:
     """The stage's jitted `train_step(state, batch, rng)`, donating the state."""
-    tx, frozen, heads, objective = self.stage_parts(plan)
+    return self._jit_train_step(plan, self.stage_parts(plan), shardings)
+
+  def _jit_train_step(self, plan: stages_lib.StagePlan, parts: tuple, shardings: TrainState) -> Callable:
+    _, frozen, heads, objective = parts
     method = self.config.compression.method
     # Inside the compressed-gradient shard_map every array is local: no sharding constraints there.
     loss_fn = step_lib.make_loss_fn(self.model, objective, heads, frozen, self.rules if method == "none" else (),
