@@ -297,13 +297,16 @@ def test_audio_padding_beyond_lengths_does_not_change_valid_tokens():
 
 def test_conv_stems_pool_the_grid_before_patchifying():
   cfg = default_model_config()
-  cfg.image.update(stem=(8, 16), patch=(4, 1))  # 16x64 -> 4x16 -> 16 column tokens
+  cfg.image.update(stem=(8, 16), stem_convs=2, patch=(4, 1))  # 16x64 -> 4x16 -> 16 column tokens
   cfg.video.update(stem=(8,), tubelet=(2, 4, 4))  # 16x16 frames -> 8x8 -> 4 x 2 x 2 tubelets
   cfg.audio.update(stem=(8,), patch_frames=4)  # 200 log-mel frames -> 100 -> 25 tokens
   model, variables, _, encoded = _abstract(cfg)
   assert {m: encoded[m][0].shape[1] for m in ("image", "video", "audio")} == {"image": 16, "video": 16, "audio": 25}
   stem = nn.unbox(variables)["params"]["encoders_image"]["stem"]
-  assert stem["conv_1"]["kernel"].shape == (3, 3, 8, 16)
+  kernels = {name: conv["kernel"].shape for name, conv in stem.items()}
+  assert kernels == {"conv_0": (3, 3, 1, 8), "conv_0_1": (3, 3, 8, 8), "conv_1": (3, 3, 8, 16),
+                     "conv_1_1": (3, 3, 16, 16)}  # stem_convs=2: a second 3x3 conv in each stage, before its pool
+  assert set(nn.unbox(variables)["params"]["encoders_video"]["stem"]) == {"conv_0"}
   assert "stem" not in nn.unbox(variables)["params"]["encoders_text"]
 
 
@@ -344,6 +347,7 @@ def test_pos_std_sets_each_towers_positional_init_scale():
         (lambda c: c.heads.__delattr__("num_answers"), "heads.num_answers"),
         (lambda c: setattr(c.image, "stem", (8, 8, 8)), "image.patch"),  # 16x64 pooled thrice: 2x8, patch 4x4
         (lambda c: setattr(c.image, "stem", (8, 0)), "image.stem"),
+        (lambda c: setattr(c.video, "stem_convs", 0), "video.stem_convs"),
         (lambda c: setattr(c.text, "stem", (8,)), "text.stem"),
         (lambda c: c.audio.update(stem=(8,) * 6, patch_frames=1), "audio.n_mels"),
         (lambda c: setattr(c.audio, "stem", (8,) * 6), "audio.seconds"),

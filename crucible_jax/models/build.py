@@ -67,14 +67,17 @@ def _tower(cfg: ml_collections.ConfigDict, m: str) -> TowerSpec:
     raise ValueError(f"text.stem={stem}: only image, video and audio encoders take a conv stem")
   if any(isinstance(f, bool) or not isinstance(f, int) or f <= 0 for f in stem):
     raise ValueError(f"{m}.stem={stem} must be a tuple of positive channel counts")
+  stem_convs = cfg[m].get("stem_convs", 1)
+  if isinstance(stem_convs, bool) or not isinstance(stem_convs, int) or stem_convs <= 0:
+    raise ValueError(f"{m}.stem_convs={stem_convs!r} must be a positive int (3x3 convs per stem stage)")
   pos_std = cfg[m].get("pos_std", 0.02)
   if isinstance(pos_std, bool) or not isinstance(pos_std, (int, float)) or pos_std <= 0:
     raise ValueError(f"{m}.pos_std={pos_std!r} must be a positive number")
   attention = _choice(cfg, "attention", ATTENTION_KERNELS) if "attention" in cfg else "xla"
   if attention == "cudnn" and dtype == jnp.float32:
     raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype; {m} computes in float32")
-  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem, float(pos_std),
-                   attention)
+  return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem=stem,
+                   stem_convs=stem_convs, pos_std=float(pos_std), attention=attention)
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:

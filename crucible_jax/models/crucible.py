@@ -37,6 +37,7 @@ class TowerSpec:
   mlp: int
   dtype: Dtype
   stem: tuple[int, ...] = ()  # conv stem channels (image, video, audio); () = linear patch embedding
+  stem_convs: int = 1  # 3x3 convs per stem stage
   pos_std: float = 0.02  # init std of the learned positional embedding
   attention: str = "xla"  # attention kernel of the tower's blocks (layers.ATTENTION_KERNELS)
 
@@ -138,7 +139,7 @@ class CrucibleModel(nn.Module):
         pos_std=spec.pos_std, dtype=spec.dtype, param_dtype=c.param_dtype, attention=spec.attention,
     )
     if modality != TEXT:
-      kw["stem"] = spec.stem
+      kw.update(stem=spec.stem, stem_convs=spec.stem_convs)
     if modality == IMAGE:
       return enc.ImageEncoder(patch=c.image_patch, **kw)
     if modality == VIDEO:

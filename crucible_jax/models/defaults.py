@@ -21,6 +21,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   image.patch = (4, 4)  # (height, width) of one ViT patch, pixels
   image.width, image.depth, image.heads, image.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   image.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
+  image.stem_convs = 1  # 3x3 conv + gelu layers per stem stage, before its 2x2 max-pool
   image.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
 
   cfg.video = video = ml_collections.ConfigDict()
@@ -30,6 +31,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   video.tubelet = (2, 4, 4)  # (frames, height, width) of one tubelet token
   video.width, video.depth, video.heads, video.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   video.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
+  video.stem_convs = 1  # 3x3 conv + gelu layers per stem stage, before its 2x2 max-pool
   video.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
 
   cfg.audio = audio = ml_collections.ConfigDict()
@@ -41,6 +43,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   audio.patch_frames = 4  # log-mel frames per audio token
   audio.width, audio.depth, audio.heads, audio.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   audio.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
+  audio.stem_convs = 1  # 3x3 conv + gelu layers per stem stage, before its 2x2 max-pool
   audio.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
 
   cfg.text = text = ml_collections.ConfigDict()

@@ -52,6 +52,7 @@ class ConvStem(nn.Module):
   """
 
   features: tuple[int, ...]
+  convs_per_stage: int = 1  # 3x3 conv + gelu layers before each pool; stage i's are conv_i, conv_i_1, ...
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -59,11 +60,12 @@ class ConvStem(nn.Module):
   def __call__(self, x: Float[Array, "n h w c"]) -> Float[Array, "n h w f"]:
     x = x.astype(self.dtype)
     for i, features in enumerate(self.features):
-      x = nn.gelu(nn.Conv(
-          features, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=logical(default_kernel_init, (None, None, None, PATCH)),
-          bias_init=logical(nn.initializers.zeros_init(), (PATCH,)), name=f"conv_{i}",
-      )(x))
+      for j in range(self.convs_per_stage):
+        x = nn.gelu(nn.Conv(
+            features, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=logical(default_kernel_init, (None, None, None, PATCH)),
+            bias_init=logical(nn.initializers.zeros_init(), (PATCH,)), name=f"conv_{i}" + (f"_{j}" if j else ""),
+        )(x))
       x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return x
 
@@ -76,6 +78,7 @@ class _Tower(nn.Module):
   num_heads: int
   mlp_dim: int
   stem: tuple[int, ...] = ()  # conv stem channels per stage (3x3 conv + 2x2 max-pool); () = plain ViT patches
+  stem_convs: int = 1  # 3x3 convs per stem stage
   pos_std: float = 0.02  # init std of the learned positional embedding
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -85,7 +88,7 @@ class _Tower(nn.Module):
     """The conv stem over 2-D inputs (identity without one)."""
     if not self.stem:
       return x
-    return ConvStem(self.stem, dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(x)
+    return ConvStem(self.stem, self.stem_convs, dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(x)
 
   def encode_patches(self, patches: Float[Array, "b n p"], mask: Bool[Array, "b n"]) -> Float[Array, "b n d"]:
     """Project flat patches to `width` and run the positional Transformer."""
