@@ -57,17 +57,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.log_every = 50  # steps between metric rows / progress lines
   c.checkpoint = dict(every=500, keep=2, async_save=True)  # steps between saves; checkpoints kept; async writes
   encoders = r"^(encoders|pools)_"  # param paths of the encoders and their order-aware read-outs
+  reading = {f"pretrain/{m}": 0.5 for m in ("image", "text", "audio", "video")}  # keeps the slots digit-aligned
   c.stage_order = ("unimodal", "align", "joint")
   c.stages = dict(
       unimodal=dict(steps=700, lr=3e-3, warmup=50, frozen=(), carry=(),  # steps, peak LR, warmup steps
                     objective={f"pretrain/{m}": 1.0 for m in ("image", "text", "audio", "video")}),
       align=dict(steps=200, lr=1e-3, warmup=20, frozen=(), carry=(encoders,),
                  objective={"contrastive/image-text": 1.0, "contrastive/audio-image": 1.0,
-                            "contrastive/video-text": 1.0, "contrastive/audio-text": 0.5}),
+                            "contrastive/video-text": 1.0, "contrastive/audio-text": 0.5, **reading}),
       joint=dict(steps=500, lr=1e-3, warmup=30, frozen=(), carry=(".*",),
                  objective={"vqa": 1.0, "tagging": 1.0, "asr": 1.0, "fused": 1.0,
                             "contrastive/image-text": 0.5, "contrastive/audio-image": 0.5,
-                            "contrastive/video-text": 0.5}),
+                            "contrastive/video-text": 0.5, **reading}),
   )
   c.evals = dict(retrieval=dict(pairs=PAIRS), vqa={}, tagging={}, asr={}, fused={})
   c.eval_splits = ("test", "test_heldout_speaker")  # splits evaluated at the end → results.json
