@@ -44,7 +44,8 @@ class PositionalTransformer(nn.Module):
 
 
 class ConvStem(nn.Module):
-  """Per stage a 3x3 conv, gelu and 2x2 max-pool over [N, H, W, C]: the locality and shift tolerance a small ViT lacks.
+  """Per stage `convs_per_stage` 3x3 convs (each with gelu) and a 2x2 max-pool over [N, H, W, C]: the locality and
+  shift tolerance a small ViT lacks.
 
   "Early convolutions help transformers see better" (Xiao et al., 2021): a plain patch-embedding ViT barely learns to
   read jittered handwriting in the few hundred steps of the default run (BUILD_NOTES). Each stage halves height and
