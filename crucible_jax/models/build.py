@@ -67,9 +67,7 @@ def _tower(cfg: ml_collections.ConfigDict, m: str) -> TowerSpec:
     raise ValueError(f"text.stem={stem}: only image, video and audio encoders take a conv stem")
   if any(isinstance(f, bool) or not isinstance(f, int) or f <= 0 for f in stem):
     raise ValueError(f"{m}.stem={stem} must be a tuple of positive channel counts")
-  stem_convs = cfg[m].get("stem_convs", 1)
-  if isinstance(stem_convs, bool) or not isinstance(stem_convs, int) or stem_convs <= 0:
-    raise ValueError(f"{m}.stem_convs={stem_convs!r} must be a positive int (3x3 convs per stem stage)")
+  stem_convs = _positive(cfg, f"{m}.stem_convs") if "stem_convs" in cfg[m] else 1
   pos_std = cfg[m].get("pos_std", 0.02)
   if isinstance(pos_std, bool) or not isinstance(pos_std, (int, float)) or pos_std <= 0:
     raise ValueError(f"{m}.pos_std={pos_std!r} must be a positive number")
