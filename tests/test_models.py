@@ -11,7 +11,7 @@ import pytest
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.models import ALL_HEADS, build_model, default_model_config, example_batch
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock, CrossModalAttention
-from crucible_jax.models.encoders import AudioEncoder
+from crucible_jax.models.encoders import AudioEncoder, max_pool_2x2
 from crucible_jax.models.fusion import AdaptiveFusion
 from crucible_jax.models.heads import ClassifierHead, SlotAnswerHead
 from crucible_jax.models.melspec import log_mel_spectrogram
@@ -293,6 +293,14 @@ def test_audio_padding_beyond_lengths_does_not_change_valid_tokens():
   changed[0, :100] += 1.0
   tokens3, _ = apply(params, jnp.asarray(changed), lengths)
   assert np.abs(tokens3[0] - tokens[0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 64, 3), (3, 7, 9, 2)])
+def test_max_pool_2x2_equals_flax_max_pool_and_routes_the_gradient_to_the_maximum(shape):
+  x = jax.random.normal(jax.random.key(0), shape)  # odd sizes: the last row/column is dropped, as by nn.max_pool
+  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  grad = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * 2.0))(x)
+  np.testing.assert_array_equal(grad, jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2)) * 2.0))(x))
 
 
 def test_conv_stems_pool_the_grid_before_patchifying():

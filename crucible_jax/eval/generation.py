@@ -24,6 +24,7 @@ from crucible_jax.data import tokenizer
 from crucible_jax.eval import metrics
 from crucible_jax.eval.rows import present_rows, real_rows
 from crucible_jax.models.converter import caption_text
+from crucible_jax.models.encoders import max_pool_2x2
 
 NO_DIGIT = 10
 CLASSES = 11  # digits 0-9 and NO_DIGIT
@@ -82,7 +83,7 @@ class DigitRecognizer(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images.astype(jnp.float32)
     for features in (32, 64):
-      x = nn.max_pool(nn.relu(nn.Conv(features, (3, 3))(x)), (2, 2), (2, 2))
+      x = max_pool_2x2(nn.relu(nn.Conv(features, (3, 3))(x)))
     x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
     return nn.Dense(self.max_digits * CLASSES)(x).reshape(-1, self.max_digits, CLASSES)
 
