@@ -18,7 +18,7 @@ def _variants(path: pathlib.Path) -> list[str]:
   module_text = path.read_text()
   if path.stem == "digit_world":
     return ["", ":tiny", ":corrupted", ":imbalanced", ":single_stage", ":no_cross_attention", ":tiny,corrupted",
-            ":routed", ":generate", ":tiny,generate", ":sharp_reader"]
+            ":routed", ":generate", ":tiny,generate"]
   if path.stem == "clip_bench":
     return ["", ":vit_b16"]
   return [""] if "VARIANTS" not in module_text else [""]
