@@ -205,6 +205,8 @@ def test_group_schedule_delay_and_decay():
     _optim_run(dict(schedules={"audio": dict(decay="step")}))
   with pytest.raises(ValueError, match="optim.lr_scale names groups"):
     _optim_run(dict(lr_scale={"videos": 2.0}))
+  with pytest.raises(ValueError, match=r"lr=0.1 x optim.lr_scale.audio=1e\+40 overflows float32"):
+    _optim_run(dict(lr_scale={"audio": 1e40}))  # an inf LR would turn zero-gradient params into NaN
 
 
 def test_small_gradient_groups_are_skipped():

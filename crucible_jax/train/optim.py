@@ -13,6 +13,7 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 FROZEN = "frozen"
@@ -119,6 +120,8 @@ def build_optimizer(stage: ml_collections.ConfigDict, optim: ml_collections.Conf
     scale = float(optim.get("lr_scale", {}).get(group, 1.0))
     if scale < 0:
       raise ValueError(f"optim.lr_scale.{group}={scale} must be >= 0")
+    if not np.isfinite(np.float32(stage.lr * scale)):  # an inf LR times a zero Adam update is NaN: params lost
+      raise ValueError(f"the stage's lr={stage.lr:g} x optim.lr_scale.{group}={scale:g} overflows float32")
     spec = dict(optim.get("schedules", {}).get(group, {}))
     schedule = group_schedule(stage.lr * scale, int(stage.warmup), int(stage.steps), spec, group)
     tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=_decay_mask)
