@@ -120,10 +120,11 @@ def build_optimizer(stage: ml_collections.ConfigDict, optim: ml_collections.Conf
     scale = float(optim.get("lr_scale", {}).get(group, 1.0))
     if scale < 0:
       raise ValueError(f"optim.lr_scale.{group}={scale} must be >= 0")
-    if not np.isfinite(np.float32(stage.lr * scale)):  # an inf LR times a zero Adam update is NaN: params lost
+    peak_lr = stage.lr * scale
+    if not np.isfinite(np.float32(peak_lr)):  # an inf LR times a zero Adam update is NaN: params lost
       raise ValueError(f"the stage's lr={stage.lr:g} x optim.lr_scale.{group}={scale:g} overflows float32")
     spec = dict(optim.get("schedules", {}).get(group, {}))
-    schedule = group_schedule(stage.lr * scale, int(stage.warmup), int(stage.steps), spec, group)
+    schedule = group_schedule(peak_lr, int(stage.warmup), int(stage.steps), spec, group)
     tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=_decay_mask)
     threshold = float(optim.get("skip_below", {}).get(group, 0.0))
     transforms[group] = skip_small_updates(tx, threshold) if threshold > 0 else tx
