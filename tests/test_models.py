@@ -109,8 +109,10 @@ def test_image_text_model_runs_and_is_finite():
   out = jax.jit(lambda key, b: model.apply(model.init(key, b, heads=heads), b, heads=heads))(KEY, batch)
   assert set(out) == {"present", "embeddings", "logit_scale", "logit_bias", "fused_logits", "fusion_weights"}
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
-  for e in out["embeddings"].values():
-    np.testing.assert_allclose(jnp.linalg.norm(e, axis=-1), 1.0, rtol=1e-5)
+  for m, e in out["embeddings"].items():  # unit norm where present; an absent image is masked, as a skipped one
+    norms, present = np.asarray(jnp.linalg.norm(e, axis=-1)), np.asarray(out["present"][m])
+    np.testing.assert_allclose(norms[present], 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(norms[~present], 0.0)
   np.testing.assert_allclose(out["logit_scale"], math.log(10.0), rtol=1e-6)
   np.testing.assert_allclose(out["logit_bias"], -10.0)
   weights = np.asarray(out["fusion_weights"])  # order: image, text

@@ -110,8 +110,9 @@ def test_skipped_modality_equals_the_modality_absent(models, dense_eval, half_ev
   assert skipped.any() and np.all(np.asarray(routed["present"]["text"])[skipped])
   absent = dict(batch, image_present=batch["image_present"] & ~skipped)
   masked = dense_eval(variables, absent, jax.random.key(0))
-  np.testing.assert_allclose(np.asarray(routed["fused_logits"])[skipped], np.asarray(masked["fused_logits"])[skipped],
-                             rtol=1e-5, atol=1e-5)
+  for key in ("fused_logits", "vqa_logits"):  # VQA reads no image in either case: only the question's prior
+    np.testing.assert_allclose(np.asarray(routed[key])[skipped], np.asarray(masked[key])[skipped],
+                               rtol=1e-5, atol=1e-5, err_msg=key)
   np.testing.assert_array_equal(np.asarray(routed["fusion_weights"])[skipped, 0], 0.0)
 
 

@@ -156,7 +156,7 @@ class CrucibleModel(nn.Module):
     """(tokens, token_mask) per modality (default: all active); the seam the modality router wraps.
 
     With routing on (and `route`), each encoder runs on its modality's static capacity only (`plan`, else the
-    router is run here) and skipped samples come back fully masked.
+    router is run here) and skipped samples come back fully masked, as do samples whose `<m>_present` is False.
     """
     if plan is None and route and self.config.routing is not None:
       plan, _ = self.router(batch, train=train)
@@ -168,7 +168,11 @@ class CrucibleModel(nn.Module):
         inputs, encode_fn = (_require(batch, AUDIO), _require(batch, "audio_len")), lambda x: self.encoders[AUDIO](*x)
       else:
         inputs, encode_fn = _require(batch, m), self.encoders[m]
-      encoded[m] = encode_fn(inputs) if plan is None else routed_encode(encode_fn, inputs, plan[m])
+      tokens, mask = encode_fn(inputs) if plan is None else routed_encode(encode_fn, inputs, plan[m])
+      if present_key(m) in batch:  # an absent modality's (zeroed) input is masked for every head, VQA included
+        carried = jnp.asarray(batch[present_key(m)], bool)
+        mask = mask & carried.reshape(carried.shape + (1,) * (mask.ndim - 1))
+      encoded[m] = (tokens, mask)
     return encoded
 
   def answer(self, questions: Int[Array, "b l"], image: enc.Encoded) -> Float[Array, "b a"]:
