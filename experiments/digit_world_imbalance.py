@@ -1,11 +1,13 @@
-"""Modality imbalance on DigitWorld: clean images, audio at -5..5 dB SNR; the fused task with and without OGM-GE.
+"""Modality imbalance on DigitWorld: clean images, speech at 0..10 dB SNR; the fused task with and without OGM-GE.
 
 Config: `--config experiments/digit_world_imbalance.py[:VARIANTS]`, VARIANTS a comma list of ogm_ge (gradient
-balancing on) and tiny (the seconds-long test run). Image + audio only, one `joint` stage on the fused digit-string
-task from scratch, which is where the clean modality starves the noisy one.
+balancing on), audio_alone (the weak modality trained by itself: what it can learn in these steps) and tiny (the
+seconds-long test run). Image + audio, one `joint` stage on the fused digit-string task from scratch, which is where
+the easy modality starves the harder one: the noisy speech is learnable alone, more slowly than the clean image.
 
-Runner (trains both arms, then a linear probe on the frozen pooled audio features measures the weak modality):
-  python experiments/digit_world_imbalance.py --workdir /tmp/imbalance [--steps 400] [--probe-batches 16]
+Runner (trains the three arms, then a linear probe on the frozen pooled audio features measures the weak modality):
+  python experiments/digit_world_imbalance.py --workdir /tmp/imbalance [--steps 400] [--probe-batches 16] \
+      [--config.model.balance.alpha=0.3 ...]
 """
 
 import argparse
@@ -20,7 +22,8 @@ import ml_collections
 from crucible_jax.train.curriculum import default_curriculum_config
 
 HERE = pathlib.Path(__file__).resolve()
-VARIANTS = ("ogm_ge", "tiny")
+VARIANTS = ("ogm_ge", "audio_alone", "tiny")
+ARMS = ("audio_alone", "none", "ogm_ge")  # runner arms: variant names, "none" = the plain joint run
 
 
 def _digit_world() -> ml_collections.ConfigDict:
@@ -39,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown digit_world_imbalance variant(s) {unknown}; known: {VARIANTS}")
   c = _digit_world()
   c.data.update(train_size=6000, val_size=256, test_size=1000, heldout_size=64)  # samples per split
-  c.model.modalities = ("image", "audio")  # the strong (image) and the weak (audio) modality
+  c.data.speech_snr_db = (0.0, 10.0)  # the weak modality: learnable alone, slower than the clean image
+  c.model.modalities = ("audio",) if "audio_alone" in variants else ("image", "audio")  # strong, weak modality
   for family in ("image", "audio"):
     c.model[family].update(width=48, depth=1, heads=4, mlp=96)  # encoder width/depth/heads/MLP width
   c.model.joint_dim = 48  # shared embedding size
@@ -84,23 +88,23 @@ def _probe(trainer, params, probe_batches: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  """Train the two arms, probe the audio encoder of each (and of the shared initialisation), print and save."""
+  """Train the arms, probe the audio encoder of each (and of the shared initialisation), print and save."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="one subdirectory per arm is written here")
   parser.add_argument("--steps", type=int, default=400, help="train steps per arm")
   parser.add_argument("--probe-batches", type=int, default=16, help="train-split batches the probe is fit on")
   parser.add_argument("--tiny", action="store_true", help="the seconds-long smoke run")
-  args = parser.parse_args(argv)
+  args, overrides = parser.parse_known_args(argv)  # the rest: --config.x=v, applied to every arm
   import jax
   from crucible_jax.config import load_experiment
   from crucible_jax.train.loop import Trainer
 
   workdir, summary = pathlib.Path(args.workdir), {}
-  for arm in ("none", "ogm_ge"):
+  for arm in ARMS:
     spec = f"{HERE}:{','.join(a for a in (arm if arm != 'none' else '', 'tiny' if args.tiny else '') if a)}"
     steps = 4 if args.tiny else args.steps
     config = load_experiment(spec, [f"--config.stages.joint.steps={steps}",
-                                    f"--config.stages.joint.warmup={max(1, steps // 10)}"])
+                                    f"--config.stages.joint.warmup={max(1, steps // 10)}", *overrides])
     trainer = Trainer(config, workdir / arm)
     try:
       start = time.perf_counter()

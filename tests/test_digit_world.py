@@ -265,6 +265,16 @@ def test_imbalanced_variant_has_easy_images_and_noisy_audio(cfg, records, val_sa
   assert np.median([noise_ratio(s) for s in samples]) > 10 * clean_ratio
   again = render.render_sample(records["val"][0], hard_cfg, split_seed=5, epoch=3)
   assert np.array_equal(samples[0]["image"], again["image"])  # easy: no augmentation
+  quiet_cfg = _config(cfg.data_dir, variant="imbalanced", speech_snr_db=(30.0, 30.0))  # the override wins
+  quiet = [render.render_sample(r, quiet_cfg, split_seed=5, epoch=0) for r in records["val"][:20]]
+  assert np.median([noise_ratio(s) for s in quiet]) < clean_ratio
+  assert np.array_equal(quiet[0]["image"], samples[0]["image"])  # only the speech's noise level moved
+
+
+@pytest.mark.parametrize("snr", [(10.0, 0.0), (5.0,), ("loud", 3.0)])
+def test_bad_speech_snr_is_rejected_naming_the_field(cfg, snr):
+  with pytest.raises(ValueError, match="speech_snr_db"):
+    pipeline.validate_data_config(_config(cfg.data_dir, speech_snr_db=snr))
 
 
 def test_templates():

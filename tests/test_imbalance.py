@@ -215,3 +215,27 @@ def test_small_gradient_groups_are_skipped():
   np.testing.assert_array_equal(history[-1]["audio_encoder"]["w"], 1.0)
   assert _moved(history, "image_encoder") > 0
   assert optim.skipped_updates(state) == 3  # the audio group, every step
+
+
+# --- the imbalance experiment's runner -------------------------------------------------------------------------
+
+def test_imbalance_runner_trains_and_probes_every_arm(tmp_path):
+  """The seconds-long run of `experiments/digit_world_imbalance.py`: three arms, each probed, the weak one alone."""
+  import importlib.util
+  import json
+  import pathlib
+  path = pathlib.Path(__file__).parent.parent / "experiments" / "digit_world_imbalance.py"
+  spec = importlib.util.spec_from_file_location("crucible_test_digit_world_imbalance", path)
+  runner = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(runner)
+  assert runner.get_config("audio_alone").model.modalities == ("audio",)
+  assert runner.get_config().data.speech_snr_db == (0.0, 10.0)
+  summary = runner.main(["--workdir", str(tmp_path), "--tiny", "--probe-batches", "1",
+                         "--config.model.balance.alpha=0.3"])
+  assert set(summary) == {"init", *runner.ARMS}
+  for arm in runner.ARMS:
+    assert summary[arm]["steps"] == 4 and 0.0 <= summary[arm]["test/fused/accuracy"] <= 1.0
+    assert 0.0 <= summary[arm]["probe/audio/first_digit"] <= 1.0
+    saved = json.loads((tmp_path / arm / "config.json").read_text())
+    assert saved["model"]["balance"]["alpha"] == 0.3  # the runner's --config overrides reach every arm
+  assert json.loads((tmp_path / "probe.json").read_text()) == json.loads(json.dumps(summary))

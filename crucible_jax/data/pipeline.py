@@ -36,6 +36,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.seed = 0  # seed of the recipes (and of eval rendering)
   cfg.variant = "clean"  # "clean" | "corrupted" | "imbalanced"
   cfg.corrupt_prob = 0.35  # probability that each modality of a sample is corrupted ("corrupted" variant)
+  cfg.speech_snr_db = config_dict.placeholder(tuple)  # (low, high) dB of the speech's noise; None = the variant's
   cfg.image_size = (16, 64)  # image canvas (height, width) in pixels; width/height slots of height x height
   cfg.video_frames = 8  # frames per video
   cfg.video_size = (16, 16)  # video frame (height, width) in pixels
@@ -59,6 +60,9 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.variant={data_cfg.variant!r}; choose from {render.VARIANTS}")
   if not 0.0 <= data_cfg.corrupt_prob <= 1.0:
     raise ValueError(f"data.corrupt_prob={data_cfg.corrupt_prob} is not a probability")
+  snr = data_cfg.get("speech_snr_db")
+  if snr is not None and (len(snr) != 2 or not all(isinstance(x, (int, float)) for x in snr) or snr[0] > snr[1]):
+    raise ValueError(f"data.speech_snr_db={snr!r} must be (low, high) decibels with low <= high, or None")
   extra = data_cfg.get("extra_questions", 0)
   if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
     raise ValueError(f"data.extra_questions={extra!r} must be a count >= 0")

@@ -97,7 +97,7 @@ def render_sample(
                            easy=variant == "imbalanced")
   video = draw.draw_video(recipe["image_pixels"], num_digits, max_digits, int(data_cfg.video_frames),
                           tuple(data_cfg.video_size), rng_video)
-  snr_low, snr_high = SNR_DB[variant]
+  snr_low, snr_high = getattr(data_cfg, "speech_snr_db", None) or SNR_DB[variant]
   audio, audio_len = draw.speak(digits, int(recipe["speaker"]), length, int(data_cfg.sample_rate),
                                 rng_audio.uniform(snr_low, snr_high), rng_audio)
   text = _caption_tokens(digits, template, int(data_cfg.text_len))
