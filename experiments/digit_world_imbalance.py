@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
       start = time.perf_counter()
       results = trainer.run()
       train_s = time.perf_counter() - start
-      if arm == "none":  # the same seed initialises both arms: the untrained encoder is the floor
+      if arm == "none":  # the same seed initialises both joint arms: the untrained encoder is the floor
         init = trainer.experiment.init_params(jax.random.fold_in(jax.random.key(config.seed), 1000))
         summary["init"] = {f"probe/audio/{k}": v for k, v in _probe(trainer, init, args.probe_batches).items()}
       scores = _probe(trainer, trainer.restore_final_params(), args.probe_batches)
