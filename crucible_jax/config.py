@@ -9,6 +9,7 @@ import ast
 import importlib.util
 import math
 import pathlib
+import types
 from typing import Any, Iterable
 
 import ml_collections
@@ -24,15 +25,22 @@ class ConfigError(ValueError):
   """A config that cannot run; the message names the key."""
 
 
-def load_experiment(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
-  """Load `path.py[:arg]`, apply `key=value` overrides, validate, and return the locked config."""
-  path_str, _, arg = spec.partition(":")
-  path = pathlib.Path(path_str)
+def load_experiment_module(path: str | pathlib.Path) -> types.ModuleType:
+  """The experiment file at `path`, imported by path (experiments/ is not a package)."""
+  path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f"experiment file not found: {path}")
   module_spec = importlib.util.spec_from_file_location(f"crucible_experiment_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def load_experiment(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Load `path.py[:arg]`, apply `key=value` overrides, validate, and return the locked config."""
+  path_str, _, arg = spec.partition(":")
+  path = pathlib.Path(path_str)
+  module = load_experiment_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} defines no get_config(arg)")
   try:

@@ -11,7 +11,6 @@ Runner (trains the three arms, then a linear probe on the frozen pooled audio fe
 """
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
@@ -19,6 +18,7 @@ import time
 
 import ml_collections
 
+from crucible_jax.config import load_experiment_module
 from crucible_jax.train.curriculum import default_curriculum_config
 
 HERE = pathlib.Path(__file__).resolve()
@@ -28,10 +28,7 @@ ARMS = ("audio_alone", "none", "ogm_ge")  # runner arms: variant names, "none" =
 
 def _digit_world() -> ml_collections.ConfigDict:
   """experiments/digit_world.py:imbalanced (loaded by path: experiments/ is not a package)."""
-  spec = importlib.util.spec_from_file_location("crucible_experiment_digit_world", HERE.parent / "digit_world.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("imbalanced")
+  return load_experiment_module(HERE.parent / "digit_world.py").get_config("imbalanced")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

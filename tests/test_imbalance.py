@@ -1,5 +1,8 @@
 """Modality-imbalance remedies: adaptive normalisation, per-group LRs and schedules, OGM-GE, selective updates."""
 
+import json
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from crucible_jax.config import load_experiment_module
 from crucible_jax.models import balance, build_model, default_model_config, example_batch
 from crucible_jax.models.fusion import AdaptiveFusion, ModalityNorm
 from crucible_jax.train import losses, optim
@@ -221,13 +225,7 @@ def test_small_gradient_groups_are_skipped():
 
 def test_imbalance_runner_trains_and_probes_every_arm(tmp_path):
   """The seconds-long run of `experiments/digit_world_imbalance.py`: three arms, each probed, the weak one alone."""
-  import importlib.util
-  import json
-  import pathlib
-  path = pathlib.Path(__file__).parent.parent / "experiments" / "digit_world_imbalance.py"
-  spec = importlib.util.spec_from_file_location("crucible_test_digit_world_imbalance", path)
-  runner = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(runner)
+  runner = load_experiment_module(pathlib.Path(__file__).parent.parent / "experiments" / "digit_world_imbalance.py")
   assert runner.get_config("audio_alone").model.modalities == ("audio",)
   assert runner.get_config().data.speech_snr_db == (0.0, 10.0)
   summary = runner.main(["--workdir", str(tmp_path), "--tiny", "--probe-batches", "1",
