@@ -8,6 +8,7 @@ import numpy as np
 
 from crucible_jax.bench.common import compiled_flops, device_info, matmul_peak, time_call
 from crucible_jax.bench.flops import contrastive_train_flops
+from crucible_jax.bench.gemm import gemm_ceiling, program_dots
 from crucible_jax.train.setup import Experiment
 
 
@@ -52,6 +53,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       return metrics["loss"]
 
     seconds = time_call(one_step, iters=int(config.get("bench_steps", 10)), warmup=2)
+    dots = program_dots(step, holder["state"], batch, rng)
     if config.get("bench_profile_dir", ""):
       with jax.profiler.trace(config.bench_profile_dir):
         jax.block_until_ready([one_step() for _ in range(3)])
@@ -67,6 +69,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # XLA's GPU cost analysis skips library calls (cuBLAS GEMMs, cuDNN attention): there the analytic count is the one
   model_flops = analytic if gpu else xla_flops
   flops_per_s = model_flops / seconds
+  # Global shapes timed on one chip: a fair ceiling where the mesh is one chip or simulated devices share one host.
+  ceiling = gemm_ceiling(dots) if experiment.platform == "cpu" or experiment.mesh.size == 1 else None
   return {
       **device_info(experiment.mesh),
       "workload": {"batch_size": config.batch_size, "modalities": list(config.model.modalities),
@@ -83,7 +87,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "peak_detail": peak,
       "fraction_of_peak": flops_per_s / mesh_peak,
       "analytic_fraction_of_peak": analytic / seconds / mesh_peak,
+      "gemm_ceiling": ceiling,
+      "gemm_ceiling_fraction_of_peak": ceiling and ceiling["flops_per_s"] / peak["peak_flops_per_s"],
+      "step_fraction_of_gemm_ceiling": ceiling and ceiling["dot_seconds_per_step"] / seconds,
       "note": "step_s is the best of bench_steps timed steps; FLOPs are the whole step's over the mesh; peak is the "
               "best square matmul measured on one device in this process, times the mesh's accelerators (CPU: "
-              "times the processes, as simulated CPU devices share one host's cores)",
+              "times the processes, as simulated CPU devices share one host's cores); gemm_ceiling times each of "
+              "the step's own dot_generals alone at its shape, so gemm_ceiling_fraction_of_peak is the most of the "
+              "peak the step's matmuls reach on this backend (up to overlap between matmuls), and "
+              "step_fraction_of_gemm_ceiling is the share of the step those matmuls alone would take",
   }
