@@ -185,9 +185,10 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     route = stage.get("route", True)
     if not isinstance(route, bool):
       raise ConfigError(f"stages.{name}.route={route!r} must be true or false")
-    if not route and any(term.startswith("routing/") for term in stage.objective):
-      raise ConfigError(f"stages.{name}.route=False bypasses the router, but its objective has routing terms "
-                        f"{sorted(t for t in stage.objective if t.startswith('routing/'))}")
+    planned = sorted(t for t in stage.objective if t in ("routing/budget", "routing/balance"))
+    if not route and planned:
+      raise ConfigError(f"stages.{name}.route=False bypasses the router's plan, but its objective has the plan's "
+                        f"terms {planned} (only routing/utility, which trains the estimator, applies)")
     for term in stage.objective:
       kind, _, rest = term.partition("/")
       needed = set(rest.split("-")) if kind == "contrastive" else {rest} if kind == "pretrain" else set()

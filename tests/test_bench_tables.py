@@ -3,6 +3,7 @@
 import pytest
 
 from crucible_jax.bench import ablations, routing
+from crucible_jax.config import load_experiment
 
 
 def _run(joint: float, flops: float, curve: list[tuple[int, float]]) -> dict:
@@ -39,3 +40,28 @@ def test_routing_summary_keeps_the_largest_saving_within_tolerance():
   assert [b["flops_reduction"] for b in summary["budgets"]] == pytest.approx([0.20, 0.45, 0.60])
   assert summary["budgets"][1]["metric_change"]["vqa"] == pytest.approx(-0.02)
   assert summary["best_flops_reduction_within_1pt"] == pytest.approx(0.20)
+
+
+def test_routing_bench_budgets_are_one_fraction_for_all_or_one_per_modality():
+  per_modality = {"image": 0.3, "audio": 0.65, "video": 0.65, "text": 1.0}
+  config = load_experiment("experiments/digit_world_ablations.py:full",
+                           [f"--config.routing_bench.budgets=(0.5, {per_modality})"])
+  uniform, mixed = routing.settings(config)["budgets"]
+  assert uniform == dict.fromkeys(config.model.modalities, 0.5) and mixed == per_modality
+  assert dict(routing.variant_config(config, "corrupted", mixed).model.routing.budget) == per_modality
+  assert routing.variant_config(config, "corrupted", None).model.routing.enabled is False
+  for bad, culprit in (({"image": 0.3}, "must name exactly"), ({**per_modality, "video": 0.0}, "'video'"),
+                       (1.5, "'image'")):
+    config.routing_bench.budgets = (bad,)
+    with pytest.raises(ValueError, match=culprit):
+      routing.settings(config)
+
+
+def test_routing_summary_names_a_per_modality_budget_by_its_mapping():
+  mixed = {"image": 0.3, "text": 1.0}
+  rows = [_budget_row(routing.budget_label(None), 100.0, {"fused": 0.9}),
+          _budget_row(routing.budget_label({"image": 0.5, "text": 0.5}), 60.0, {"fused": 0.85}),
+          _budget_row(routing.budget_label(mixed), 70.0, {"fused": 0.895})]
+  summary = routing.summarise(rows, ("corrupted",), tolerance=0.01)["corrupted"]
+  assert [b["budget"] for b in summary["budgets"]] == [0.5, mixed]
+  assert summary["best_flops_reduction_within_1pt"] == pytest.approx(0.30)

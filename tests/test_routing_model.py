@@ -11,7 +11,8 @@ from crucible_jax.bench.common import compiled_flops
 from crucible_jax.config import ConfigError, load_experiment, validate
 from crucible_jax.models import build_model, default_model_config, example_batch
 from crucible_jax.models.router import routing_spec
-from crucible_jax.train import objectives
+from crucible_jax.train import objectives, stages
+from crucible_jax.train.setup import Experiment
 
 B = 8
 HEADS = ("embed", "vqa", "fused")
@@ -128,15 +129,38 @@ def test_budget_one_reproduces_the_dense_model_bitwise(models, dense_eval, train
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
-def test_route_false_bypasses_the_router_and_equals_the_dense_model(models, dense_eval):
+def test_route_false_bypasses_the_plan_and_equals_the_dense_model(models, dense_eval):
   dense, half, _, variables = models
   batch = _batch(3)
   want = dense_eval(variables, batch, jax.random.key(6))
   got = jax.jit(lambda v, b, r: half.apply(v, b, heads=HEADS, route=False, rngs={"routing": r}))(
       variables, batch, jax.random.key(6))
-  assert set(got) == set(want)  # no routing_aux: the router did not run
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert set(got) == set(want) | {"routing_aux"}  # the estimator still scores; its plan is not applied
+  assert all(np.asarray(p).all() for p in got["present"].values())
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves({k: got[k] for k in want})):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_dense_stage_teaches_the_estimator_every_sample(models):
+  half = models[1]
+  init_batch = _batch(0)
+  variables = jax.jit(lambda r: half.init({"params": r, "routing": r}, init_batch, heads=("pretrain",)))(
+      jax.random.key(0))
+  _, objective = objectives.build_objective({"routing/utility": 1.0})
+  batch = {**_batch(4), "digits": np.tile(np.array([[3, 1, -1, -1]], np.int32), (B, 1)),
+           "num_digits": np.full((B,), 2, np.int32)}
+
+  def utility_loss(params, route):
+    out = half.apply({"params": params}, batch, train=True, heads=("pretrain",), route=route,
+                     rngs={"routing": jax.random.key(7)})
+    return objective(out, batch)[0], out["present"]
+
+  for route in (False, True):
+    grads, present = jax.jit(jax.grad(lambda p: utility_loss(p, route), has_aux=True))(variables["params"])
+    estimator = jax.tree.leaves(grads["router"]["estimator"])
+    assert any(np.abs(np.asarray(g)).sum() > 0 for g in estimator)
+    # route=False: every image is encoded and so has a target; routed at 0.5: half of them
+    assert int(np.asarray(present["image"]).sum()) == (B if not route else B // 2)
 
 
 def test_routing_objective_terms_read_the_router_aux():
@@ -188,6 +212,20 @@ def test_routing_config_is_validated_and_the_routed_experiment_builds():
   assert model.config.routing is not None and "routing/budget" in routed.stages.joint.objective
   assert routed.stages.unimodal.route is False and "routing/budget" not in routed.stages.unimodal.objective
   with routed.unlocked():
+    routed.stages.unimodal.objective["routing/utility"] = 1.0  # trains the estimator: fine without a plan
+  validate(routed)
+  with routed.unlocked():
     routed.stages.unimodal.objective["routing/budget"] = 1.0
-  with pytest.raises(ConfigError, match="stages.unimodal.route=False"):
+  with pytest.raises(ConfigError, match=r"stages.unimodal.route=False .*\['routing/budget'\]"):
     validate(routed)
+
+
+def test_routed_stages_carry_the_estimator_and_the_unrouted_ablation_still_builds():
+  ablations = EXPERIMENTS / "digit_world_ablations.py"
+  for variant in ("full", "no_routing"):
+    Experiment(load_experiment(f"{ablations}:{variant}", []))  # every carry pattern must match one of its params
+  carry = load_experiment(f"{ablations}:full", []).stages.align.carry
+  previous = {"router": {"estimator": {"w": 1}}, "encoders_image": {"w": 1}, "fused_head": {"w": 1}}
+  fresh = jax.tree.map(lambda _: 0, previous)
+  assert stages.handoff(previous, fresh, carry) == {
+      "router": {"estimator": {"w": 1}}, "encoders_image": {"w": 1}, "fused_head": {"w": 0}}

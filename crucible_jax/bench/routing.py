@@ -10,7 +10,7 @@ Retrieval R@1 is strict: a query whose modality the router skipped counts as a m
 import json
 import pathlib
 import tempfile
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import jax
 import ml_collections
@@ -57,20 +57,37 @@ class RoutingUsage:
     return out
 
 
+def budget_fractions(budget: Any, modalities: Sequence[str]) -> dict[str, float]:
+  """A bench budget as {modality: fraction of the batch encoded}: one fraction for all, or one per modality."""
+  if isinstance(budget, (Mapping, ml_collections.ConfigDict)):
+    budget = dict(budget.items())
+    if set(budget) != set(modalities):
+      raise ValueError(f"routing_bench budget {budget} must name exactly the modalities {list(modalities)}")
+    fractions = {m: budget[m] for m in modalities}
+  else:
+    fractions = dict.fromkeys(modalities, budget)
+  for m, fraction in fractions.items():
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+      raise ValueError(f"routing_bench budget for {m!r} is {fraction!r}; fractions must be in (0, 1]")
+  return {m: float(f) for m, f in fractions.items()}
+
+
 def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The bench's knobs: DEFAULTS overridden by `config.routing_bench`."""
+  """The bench's knobs: DEFAULTS overridden by `config.routing_bench`; budgets checked against the modalities."""
   extra = dict(config.get("routing_bench", {}))
   unknown = sorted(set(extra) - set(DEFAULTS))
   if unknown:
     raise ValueError(f"routing_bench has unknown keys {unknown}; known: {sorted(DEFAULTS)}")
   out = {**DEFAULTS, **extra}
-  if not out["budgets"] or any(not 0 < float(b) <= 1 for b in out["budgets"]):
-    raise ValueError(f"routing_bench.budgets={out['budgets']} must be fractions in (0, 1]")
+  if not out["budgets"]:
+    raise ValueError("routing_bench.budgets is empty")
+  out["budgets"] = tuple(budget_fractions(b, tuple(config.model.modalities)) for b in out["budgets"])
   return out
 
 
-def variant_config(config: ml_collections.ConfigDict, variant: str, budget: float | None) -> ml_collections.ConfigDict:
-  """`config` on data `variant`, routed at `budget` for every modality, or routing off (budget None)."""
+def variant_config(config: ml_collections.ConfigDict, variant: str,
+                   budget: Mapping[str, float] | None) -> ml_collections.ConfigDict:
+  """`config` on data `variant`, routed at `budget` ({modality: fraction}), or routing off (budget None)."""
   c = config.copy_and_resolve_references()
   c.data.variant = variant
   with c.unlocked():
@@ -84,7 +101,7 @@ def variant_config(config: ml_collections.ConfigDict, variant: str, budget: floa
   elif not c.model.routing.enabled:
     raise ValueError("bench routing needs model.routing.enabled (use experiments/digit_world.py:routed)")
   else:
-    c.model.routing.budget.update({m: float(budget) for m in c.model.modalities})
+    c.model.routing.budget.update(budget_fractions(budget, tuple(c.model.modalities)))
   return c
 
 
@@ -129,12 +146,13 @@ def program_flops(exp: Experiment, params: Any, eval_batch: int) -> tuple[float,
   return compiled_flops(forward) / eval_batch, compiled_flops(train) / int(exp.config.batch_size), forward
 
 
-def measure_budget(config: ml_collections.ConfigDict, budget: float | None, trained: dict, s: dict) -> dict:
+def measure_budget(config: ml_collections.ConfigDict, budget: dict[str, float] | None, trained: dict,
+                   s: dict) -> dict:
   """FLOPs/sample (forward, train step), forward wall time and joint metrics of every variant's params at `budget`."""
   exp = Experiment(variant_config(config, s["variants"][0], budget))
   eval_batch = int(config.eval_batch_size)
   forward_flops, train_flops, forward = program_flops(exp, trained[s["variants"][0]], eval_batch)
-  row = {"budget": budget if budget is not None else "all_on", "flops_per_sample": forward_flops,
+  row = {"budget": budget_label(budget), "flops_per_sample": forward_flops,
          "train_flops_per_sample": train_flops, "variants": {}}
   pairs = [tuple(p) for p in exp.config.evals.retrieval.pairs]
   for variant, params in trained.items():
@@ -149,6 +167,13 @@ def measure_budget(config: ml_collections.ConfigDict, budget: float | None, trai
     row["variants"][variant] = {"wall_s": wall, "metrics": joint_metrics(scores, pairs), "usage": usage,
                                 "scores": {k: v for k, v in scores.items() if k not in usage}}
   return row
+
+
+def budget_label(budget: dict[str, float] | None) -> float | str | dict[str, float]:
+  """How a row names its budget in the JSON: "all_on", the one fraction every modality shares, or the mapping."""
+  if budget is None:
+    return "all_on"
+  return next(iter(budget.values())) if len(set(budget.values())) == 1 else dict(budget)
 
 
 def summarise(rows: list[dict], variants: tuple[str, ...], tolerance: float) -> dict:
@@ -180,7 +205,7 @@ def plot_usage(variants: dict, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  budgets = [b for b in variants.get("corrupted", {}).get("budgets", []) if b["budget"] < 1.0]
+  budgets = [b for b in variants.get("corrupted", {}).get("budgets", []) if b["budget"] != 1.0]
   fig, axes = plt.subplots(1, max(len(budgets), 1), figsize=(4 * max(len(budgets), 1), 3.2), squeeze=False)
   for ax, b in zip(axes[0], budgets):
     x = np.arange(len(MODALITIES))
@@ -188,7 +213,7 @@ def plot_usage(variants: dict, path: pathlib.Path) -> None:
       ax.bar(x + offset, [b["usage"].get(f"usage/{m}/{kind}", 0.0) for m in MODALITIES], 0.4, label=kind)
     ax.set_xticks(x, MODALITIES)
     ax.set_ylim(0, 1)
-    ax.set_title(f"budget {b['budget']}")
+    ax.set_title(f"budget {b['budget']}", fontsize=8 if isinstance(b["budget"], dict) else None)
     ax.set_ylabel("share of samples encoded")
   axes[0][0].legend()
   fig.suptitle("router usage on the corrupted variant: clean vs corrupted samples")
@@ -206,16 +231,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
   trained, training = {}, {}
   for variant in s["variants"]:
-    cfg = variant_config(config, variant, float(config.model.routing.budget[config.model.modalities[0]]))
-    cfg.model.routing.budget = config.model.routing.budget
+    train_budget = {m: config.model.routing.budget[m] for m in config.model.modalities}
+    cfg = variant_config(config, variant, train_budget)
     trained[variant], training[variant] = train_variant(cfg, workdir / variant)
   rows = [measure_budget(config, None, trained, s)]
-  rows += [measure_budget(config, float(b), trained, s) for b in s["budgets"]]
+  rows += [measure_budget(config, b, trained, s) for b in s["budgets"]]
   variants = summarise(rows, tuple(s["variants"]), float(s["tolerance"]))
   plot = workdir / "routing_usage.png"
   plot_usage(variants, plot)
   report = {**device_info(), "variants": variants, "training": training, "usage_plot": str(plot),
-            "train_budget": dict(config.model.routing.budget), "settings": {k: v for k, v in s.items()},
+            "train_budget": dict(config.model.routing.budget), "settings": s,
             "sizes": {"batch_size": config.batch_size, "eval_batch_size": config.eval_batch_size,
                       "steps": {n: int(config.stages[n].steps) for n in config.stage_order},
                       "width": int(config.model.image.width), "depth": int(config.model.image.depth),

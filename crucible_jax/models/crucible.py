@@ -194,8 +194,9 @@ class CrucibleModel(nn.Module):
   ) -> dict[str, Any]:
     """Outputs of the requested heads that the active modalities allow (see `available_heads`).
 
-    `route=False` bypasses a configured router (every present modality encoded, as with routing off): a stage that
-    trains the encoders alone should not starve them of samples.
+    `route=False` bypasses a configured router's plan (every present modality encoded, as with routing off): a
+    stage that trains the encoders alone should not starve them of samples. Its estimator still scores every sample
+    (`routing_aux`), so such a stage can teach it (`routing/utility`) with a target for every sample.
     """
     unknown = sorted(set(heads) - set(ALL_HEADS))
     if unknown:
@@ -203,8 +204,8 @@ class CrucibleModel(nn.Module):
     c = self.config
     heads = tuple(h for h in heads if h in self.available_heads)
     needed = set().union(*(HEAD_INPUTS.get(h, c.modalities) for h in heads))
-    routing = self.router(batch, train=train) if c.routing is not None and route else None  # (plan, aux)
-    plan = None if routing is None else routing[0]
+    routing = self.router(batch, train=train) if c.routing is not None else None  # (plan, aux)
+    plan = routing[0] if routing is not None and route else None
     encoded = self.encode(batch, train, tuple(m for m in c.modalities if m in needed), plan, route)
     batch_size = len(_require(batch, c.modalities[0]))
     slots = {m: self.pools[m](*encoded[m]) for m in encoded}
@@ -214,8 +215,9 @@ class CrucibleModel(nn.Module):
         for m in c.modalities
     }
     out: dict[str, Any] = {}
-    if routing is not None:  # a skipped modality is absent downstream: fusion, losses and evaluators ignore it
-      present = {m: present[m] & routing[0].selected[m] for m in c.modalities}
+    if plan is not None:  # a skipped modality is absent downstream: fusion, losses and evaluators ignore it
+      present = {m: present[m] & plan.selected[m] for m in c.modalities}
+    if routing is not None:
       out["routing_aux"] = routing[1]
     out["present"] = present
     digits_shape = (-1, c.max_digits, DIGIT_CLASSES)

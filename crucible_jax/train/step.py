@@ -49,7 +49,7 @@ def stop_frozen(params: Any, frozen: Any) -> Any:
 def make_loss_fn(model: nn.Module, objective: Objective, heads: tuple[str, ...], frozen: Any,
                  rules: Rules = (), route: bool = True) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]:
   """`loss_fn(params, batch, rng) -> (loss, metrics)` for one stage; activations constrained by `rules`;
-  `route=False` bypasses the model's router (the stage's `route` field)."""
+  `route=False` bypasses the router's plan: every present modality is encoded (the stage's `route` field)."""
 
   def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
     dropout_rng, router_rng = jax.random.split(rng)
