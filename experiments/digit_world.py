@@ -132,6 +132,10 @@ def _make_routed(c: ml_collections.ConfigDict, fraction: float = 0.6) -> None:
   """
   c.model.routing.enabled = True
   c.model.routing.budget.update({m: fraction for m in c.model.modalities})
+  # The estimator starts from scratch and must learn to tell intact from corrupted inputs in few steps (measured:
+  # at the shared LR it routed 40% of the corrupted images of `corrupted` at budget 0.5, at 10x 14%).
+  c.optim.groups["router"] = r"^router/"
+  c.optim.lr_scale["router"] = 10.0
   for name in c.stage_order:
     if name == "unimodal":
       c.stages[name].route = False  # bypass the router's plan: every encoder sees the whole batch...
