@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for name, steps, warmup in (("unimodal", 800, 40), ("align", 200, 10), ("joint", 400, 20)):
     c.stages[name].update(steps=steps, warmup=warmup)
   c.model.routing.budget.update(TRAIN_BUDGET)
-  c.routing_bench.budgets = (1.0, 0.75, 0.7, 0.65, 0.5, TRAIN_BUDGET, {**TRAIN_BUDGET, "image": 0.55, "audio": 0.35,
+  c.routing_bench.budgets = (1.0, 0.75, 0.7, 0.65, 0.6, 0.5, TRAIN_BUDGET, {**TRAIN_BUDGET, "image": 0.55, "audio": 0.35,
                                                                         "video": 0.35})
   c.routing_bench.workdir = "/tmp/crucible_bench_routing_long"  # trained runs (reused when present)
   return c
