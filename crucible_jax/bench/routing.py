@@ -10,7 +10,7 @@ Retrieval R@1 is strict: a query whose modality the router skipped counts as a m
 import json
 import pathlib
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import ml_collections
@@ -20,6 +20,7 @@ from crucible_jax.bench.common import compiled_flops, device_info, time_call
 from crucible_jax.common_types import MODALITIES, present_key
 from crucible_jax.data import pipeline as data_lib
 from crucible_jax.eval.evaluators import build_evaluators
+from crucible_jax.models.router import budget_fractions
 from crucible_jax.train.evaluate import evaluate_split
 from crucible_jax.train.setup import Experiment
 
@@ -57,21 +58,6 @@ class RoutingUsage:
     return out
 
 
-def budget_fractions(budget: Any, modalities: Sequence[str]) -> dict[str, float]:
-  """A bench budget as {modality: fraction of the batch encoded}: one fraction for all, or one per modality."""
-  if isinstance(budget, (Mapping, ml_collections.ConfigDict)):
-    budget = dict(budget.items())
-    if set(budget) != set(modalities):
-      raise ValueError(f"routing_bench budget {budget} must name exactly the modalities {list(modalities)}")
-    fractions = {m: budget[m] for m in modalities}
-  else:
-    fractions = dict.fromkeys(modalities, budget)
-  for m, fraction in fractions.items():
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-      raise ValueError(f"routing_bench budget for {m!r} is {fraction!r}; fractions must be in (0, 1]")
-  return {m: float(f) for m, f in fractions.items()}
-
-
 def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The bench's knobs: DEFAULTS overridden by `config.routing_bench`; budgets checked against the modalities."""
   extra = dict(config.get("routing_bench", {}))
@@ -81,7 +67,10 @@ def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
   out = {**DEFAULTS, **extra}
   if not out["budgets"]:
     raise ValueError("routing_bench.budgets is empty")
-  out["budgets"] = tuple(budget_fractions(b, tuple(config.model.modalities)) for b in out["budgets"])
+  try:
+    out["budgets"] = tuple(budget_fractions(b, tuple(config.model.modalities)) for b in out["budgets"])
+  except ValueError as e:
+    raise ValueError(f"routing_bench.budgets: {e}") from None
   return out
 
 

@@ -6,6 +6,7 @@ Skipped samples come back masked, never as zero features pretending to be data.
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Callable, Mapping, Sequence
 
 import einops
@@ -284,25 +285,33 @@ def routed_encode(
   return tokens * gate, mask & selected
 
 
+def budget_fractions(budget: float | Mapping[str, float], modalities: Sequence[str]) -> dict[str, float]:
+  """A budget as {modality: fraction of the batch encoded}: one fraction for all, or exactly one per modality."""
+  if hasattr(budget, "keys"):  # a dict or an ml_collections.ConfigDict
+    budget = dict(budget.items())
+    missing = [m for m in modalities if m not in budget]
+    extra = sorted(set(budget) - set(modalities))
+    if missing or extra:
+      raise ValueError(f"budget {budget} must name exactly the modalities {list(modalities)}: missing {missing}, "
+                       f"extra {extra}")
+    fractions = {m: budget[m] for m in modalities}
+  else:
+    fractions = dict.fromkeys(modalities, budget)
+  for m, fraction in fractions.items():
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < fraction <= 1.0:
+      raise ValueError(f"budget fraction for {m!r} is {fraction!r}; fractions must be in (0, 1]")
+  return {m: float(f) for m, f in fractions.items()}
+
+
 def capacities_for_budget(
     batch_size: int, budget: float | Mapping[str, float], modalities: Sequence[str], groups: int = 1
 ) -> dict[str, int]:
   """Static capacities: ceil(fraction * B / groups) * groups, at least one per group; fractions in (0, 1]."""
   if batch_size < 1 or groups < 1 or batch_size % groups:
     raise ValueError(f"batch_size={batch_size} must be >= 1 and divisible by groups={groups}")
-  if isinstance(budget, Mapping):
-    missing = [m for m in modalities if m not in budget]
-    extra = sorted(set(budget) - set(modalities))
-    if missing or extra:
-      raise ValueError(f"budget keys must equal the modalities {list(modalities)}: missing {missing}, extra {extra}")
-    fractions = {m: budget[m] for m in modalities}
-  else:
-    fractions = {m: budget for m in modalities}
-  for m, fraction in fractions.items():
-    if not 0.0 < float(fraction) <= 1.0:
-      raise ValueError(f"budget fraction for {m!r} must be in (0, 1], got {fraction}")
   group_size = batch_size // groups
-  return {m: groups * max(1, min(group_size, math.ceil(f * group_size - 1e-9))) for m, f in fractions.items()}
+  return {m: groups * max(1, min(group_size, math.ceil(f * group_size - 1e-9)))
+          for m, f in budget_fractions(budget, modalities).items()}
 
 
 def routing_losses(plan: RoutePlan, present: Bool[Array, "batch modalities"], capacity: Mapping[str, int]) -> dict:
