@@ -163,3 +163,29 @@ def test_non_finite_loss_skip_policy_counts_skips_and_diverged_params_fail_evalu
     assert all(np.isfinite(leaf).all() for leaf in _leaves(trainer.restore_final_params()))
   finally:
     trainer.close()
+
+
+def test_inference_loads_the_final_params_without_the_trainer_and_embeds_like_the_model(uninterrupted, tmp_path):
+  from crucible_jax import inference
+  from crucible_jax.data.pipeline import make_eval_batches
+  workdir, straight, _ = uninterrupted
+  before = sorted(p.name for p in workdir.iterdir())
+  loaded = inference.load(workdir)
+  assert sorted(p.name for p in workdir.iterdir()) == before  # read only
+  for a, b in zip(_leaves(straight.restore_final_params()), _leaves(loaded.params)):
+    np.testing.assert_array_equal(a, b)
+  batch = next(iter(make_eval_batches(loaded.config.data, "val", batch_size=8)))
+  reference = straight.experiment.model.apply({"params": loaded.params}, batch, train=False, heads=("embed",),
+                                              route=False)["embeddings"]["image"]
+  reference = np.asarray(reference) / np.linalg.norm(np.asarray(reference), axis=-1, keepdims=True)
+  np.testing.assert_allclose(loaded.embed("image", {"image": batch["image"]}), reference, atol=1e-5)
+  with pytest.raises(ValueError, match="no 'nope' encoder"):
+    loaded.embed("nope", {"image": batch["image"]})
+  out = inference.save_params_dir(tmp_path / "params", loaded.config, loaded.params)
+  with pytest.raises(FileExistsError, match="not empty"):
+    inference.save_params_dir(out, loaded.config, loaded.params)
+  again = inference.load(out)
+  np.testing.assert_array_equal(again.embed("text", {"text": batch["text"]}),
+                                loaded.embed("text", {"text": batch["text"]}))
+  with pytest.raises(FileNotFoundError, match="neither a crucible workdir"):
+    inference.load(tmp_path)
