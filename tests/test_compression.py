@@ -160,6 +160,41 @@ def test_bad_configuration_errors(mesh, compiled):
     compiled["int8"][0](PARAMS, make_batch(0), wrong_block, RNG)
 
 
+def loss_with_frozen_and_unused(params, batch, rng):
+  """`loss_fn` plus a frozen (stop_gradient) scale and a param the loss never reads."""
+  loss, aux = loss_fn({k: params[k] for k in ("w", "b", "k")}, batch, rng)
+  return loss * jax.lax.stop_gradient(params["frozen"]).mean(), aux
+
+
+EXTRA = {**PARAMS, "frozen": jnp.ones((64, 64)), "unused": jnp.ones((128, 32))}
+
+
+def test_trained_leaves_drops_frozen_and_unused_params(mesh):
+  trained = compression.trained_leaves(loss_with_frozen_and_unused, EXTRA, make_batch(0), mesh)
+  assert trained == {"w": True, "b": True, "k": True, "frozen": False, "unused": False}
+
+
+@pytest.mark.parametrize("method", ["bf16", "int8"])
+def test_only_trained_params_travel(mesh, method):
+  """The bucket holds the trained params only: the HLO's collectives are sized by them, frozen grads are zero."""
+  trained = compression.trained_leaves(loss_with_frozen_and_unused, EXTRA, make_batch(0), mesh)
+  fn = jax.jit(compression.make_compressed_value_and_grad(loss_with_frozen_and_unused, mesh, method,
+                                                          trained=trained, block=BLOCK))
+  state = compression.init_compression_state(EXTRA, method, mesh, trained=trained, block=BLOCK)
+  sent = compression.collective_bytes(fn.lower(EXTRA, make_batch(0), state, RNG).compile().as_text())
+  size = sum(x.size for x in jax.tree.leaves(PARAMS))
+  if method == "int8":
+    padded = -(-size // (BLOCK * SHARDS)) * BLOCK * SHARDS
+    assert state["error"].shape == (SHARDS, padded)
+    assert sent["all-to-all"] == sent["all-gather"] == padded + padded // BLOCK * 4
+  else:  # bfloat16 bits travel as uint16 (XLA:CPU would compile a bfloat16 collective in float32)
+    padded = -(-size // SHARDS) * SHARDS
+    assert sent["all-to-all"] == sent["all-gather"] == 2 * padded
+  _, grads, _ = fn(EXTRA, make_batch(0), state, RNG)
+  assert not jnp.any(grads["frozen"]) and not jnp.any(grads["unused"])
+  assert jnp.any(grads["w"])
+
+
 def test_collective_bytes_of_a_psum_over_eight_devices(mesh):
   summed = jax.shard_map(lambda x: jax.lax.psum(x, "data"), mesh=mesh, in_specs=P("data"), out_specs=P())
   x = jnp.ones((SHARDS * 1024,), jnp.float32)
