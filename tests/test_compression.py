@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from crucible_jax.parallel import compression, mesh as mesh_lib
+from crucible_jax.train import losses
 
 SHARDS, PER_SHARD, BLOCK, RANK = 8, 4, 64, 2
 TRUE_W = jax.random.normal(jax.random.key(42), (16, 32))
@@ -193,6 +194,21 @@ def test_only_trained_params_travel(mesh, method):
   _, grads, _ = fn(EXTRA, make_batch(0), state, RNG)
   assert not jnp.any(grads["frozen"]) and not jnp.any(grads["unused"])
   assert jnp.any(grads["w"])
+
+
+def test_a_loss_over_the_gathered_global_batch_gets_its_exact_gradient(mesh):
+  """Contrastive terms all-gather the shards' embeddings (global negatives): all_gather's transpose sums the
+  cotangents back to their shards, so the data-parallel mean is the gradient of the global loss."""
+  def gathered(params, batch, rng):
+    emb = jax.lax.all_gather(batch["x"] @ params["w"], mesh_lib.data_axes(), tiled=True)
+    return losses.clip_loss(emb[:, :16], emb[:, 16:], jnp.log(10.0)), {}
+
+  params, batch = {"w": 0.1 * TRUE_W}, make_batch(5)
+  fn = jax.jit(compression.make_compressed_value_and_grad(gathered, mesh, "none"))
+  (loss, _), grads, _ = fn(params, batch, {}, RNG)
+  global_loss = lambda p: losses.clip_loss(*jnp.split(batch["x"] @ p["w"], 2, axis=1), jnp.log(10.0))
+  np.testing.assert_allclose(loss, global_loss(params), rtol=1e-5)
+  np.testing.assert_allclose(grads["w"], jax.grad(global_loss)(params)["w"], rtol=1e-4, atol=1e-6)
 
 
 def test_collective_bytes_of_a_psum_over_eight_devices(mesh):

@@ -291,7 +291,7 @@ def make_compressed_value_and_grad(loss_fn: LossFn, mesh: Mesh, method: str, *, 
     else:
       means, comp_state = _powersgd_leaves(send, comp_state, rank)
     means = iter(means)
-    # An untrained leaf's gradient is zero on every device: a fresh (device-invariant) zero, nothing sent.
+    # An untrained leaf's gradient is zero on every device: a constant zero, nothing sent.
     out = [next(means) if on else jnp.zeros(g.shape, g.dtype) for g, on in zip(flat, keep)]
     return (jax.lax.pmean(loss, axes), _global_aux(aux)), jax.tree.unflatten(treedef, out), comp_state
 
