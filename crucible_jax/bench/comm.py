@@ -209,16 +209,22 @@ def measure_stage(config: ml_collections.ConfigDict, stage: str, methods: Iterab
     trained = experiment.trained(experiment.plans[0])
     if trained is not None:
       report["trained_params"] = sum(s for s, on in zip(sizes, jax.tree.leaves(trained)) if on)
-  base = report["methods"].get("none")
-  if base:
-    for method, entry in report["methods"].items():
-      entry["bytes_ratio_vs_none"] = base["gradient_bytes"] / max(entry["gradient_bytes"], 1.0)
-      if "final_loss" in entry:
-        entry["loss_rel_diff_vs_none"] = (entry["final_loss"] - base["final_loss"]) / abs(base["final_loss"])
-      if method in GOALS:
-        entry["meets_goal"] = bool(entry["bytes_ratio_vs_none"] >= GOALS[method] and
-                                   abs(entry.get("loss_rel_diff_vs_none", 0.0)) <= LOSS_TOLERANCE)
-  return report
+  return compare_to_none(report)
+
+
+def compare_to_none(stage: dict[str, Any]) -> dict[str, Any]:
+  """Add each method's `bytes_ratio_vs_none`, `loss_rel_diff_vs_none` and `meets_goal` to a stage's report."""
+  base = stage["methods"].get("none")
+  if base is None:
+    return stage
+  for method, entry in stage["methods"].items():
+    entry["bytes_ratio_vs_none"] = base["gradient_bytes"] / max(entry["gradient_bytes"], 1.0)
+    if "final_loss" in entry:
+      entry["loss_rel_diff_vs_none"] = (entry["final_loss"] - base["final_loss"]) / abs(base["final_loss"])
+    if method in GOALS:
+      entry["meets_goal"] = bool(entry["bytes_ratio_vs_none"] >= GOALS[method] and
+                                 abs(entry.get("loss_rel_diff_vs_none", 0.0)) <= LOSS_TOLERANCE)
+  return stage
 
 
 def run(config: ml_collections.ConfigDict, *, methods: Iterable[str] = compression.METHODS, steps: int = STEPS,
