@@ -8,6 +8,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from crucible_jax.parallel import compression, mesh as mesh_lib
+from crucible_jax.train import losses
 
 SHARDS, PER_SHARD, BLOCK, RANK = 8, 4, 64, 2
 TRUE_W = jax.random.normal(jax.random.key(42), (16, 32))
@@ -158,6 +159,56 @@ def test_bad_configuration_errors(mesh, compiled):
   wrong_block = compression.init_compression_state(PARAMS, "int8", mesh, block=32)
   with pytest.raises(ValueError, match="comp_state does not fit"):
     compiled["int8"][0](PARAMS, make_batch(0), wrong_block, RNG)
+
+
+def loss_with_frozen_and_unused(params, batch, rng):
+  """`loss_fn` plus a frozen (stop_gradient) scale and a param the loss never reads."""
+  loss, aux = loss_fn({k: params[k] for k in ("w", "b", "k")}, batch, rng)
+  return loss * jax.lax.stop_gradient(params["frozen"]).mean(), aux
+
+
+EXTRA = {**PARAMS, "frozen": jnp.ones((64, 64)), "unused": jnp.ones((128, 32))}
+
+
+def test_trained_leaves_drops_frozen_and_unused_params(mesh):
+  trained = compression.trained_leaves(loss_with_frozen_and_unused, EXTRA, make_batch(0), mesh)
+  assert trained == {"w": True, "b": True, "k": True, "frozen": False, "unused": False}
+
+
+@pytest.mark.parametrize("method", ["bf16", "int8"])
+def test_only_trained_params_travel(mesh, method):
+  """The bucket holds the trained params only: the HLO's collectives are sized by them, frozen grads are zero."""
+  trained = compression.trained_leaves(loss_with_frozen_and_unused, EXTRA, make_batch(0), mesh)
+  fn = jax.jit(compression.make_compressed_value_and_grad(loss_with_frozen_and_unused, mesh, method,
+                                                          trained=trained, block=BLOCK))
+  state = compression.init_compression_state(EXTRA, method, mesh, trained=trained, block=BLOCK)
+  sent = compression.collective_bytes(fn.lower(EXTRA, make_batch(0), state, RNG).compile().as_text())
+  size = sum(x.size for x in jax.tree.leaves(PARAMS))
+  if method == "int8":
+    padded = -(-size // (BLOCK * SHARDS)) * BLOCK * SHARDS
+    assert state["error"].shape == (SHARDS, padded)
+    assert sent["all-to-all"] == sent["all-gather"] == padded + padded // BLOCK * 4
+  else:  # bfloat16 bits travel as uint16 (XLA:CPU would compile a bfloat16 collective in float32)
+    padded = -(-size // SHARDS) * SHARDS
+    assert sent["all-to-all"] == sent["all-gather"] == 2 * padded
+  _, grads, _ = fn(EXTRA, make_batch(0), state, RNG)
+  assert not jnp.any(grads["frozen"]) and not jnp.any(grads["unused"])
+  assert jnp.any(grads["w"])
+
+
+def test_a_loss_over_the_gathered_global_batch_gets_its_exact_gradient(mesh):
+  """Contrastive terms all-gather the shards' embeddings (global negatives): all_gather's transpose sums the
+  cotangents back to their shards, so the data-parallel mean is the gradient of the global loss."""
+  def gathered(params, batch, rng):
+    emb = jax.lax.all_gather(batch["x"] @ params["w"], mesh_lib.data_axes(), tiled=True)
+    return losses.clip_loss(emb[:, :16], emb[:, 16:], jnp.log(10.0)), {}
+
+  params, batch = {"w": 0.1 * TRUE_W}, make_batch(5)
+  fn = jax.jit(compression.make_compressed_value_and_grad(gathered, mesh, "none"))
+  (loss, _), grads, _ = fn(params, batch, {}, RNG)
+  global_loss = lambda p: losses.clip_loss(*jnp.split(batch["x"] @ p["w"], 2, axis=1), jnp.log(10.0))
+  np.testing.assert_allclose(loss, global_loss(params), rtol=1e-5)
+  np.testing.assert_allclose(grads["w"], jax.grad(global_loss)(params)["w"], rtol=1e-4, atol=1e-6)
 
 
 def test_collective_bytes_of_a_psum_over_eight_devices(mesh):

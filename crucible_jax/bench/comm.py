@@ -1,11 +1,13 @@
 """`crucible bench comm`: bytes each gradient-compression method puts on the wire per step, and what it costs in loss.
 
-For each method the first stage's train step is compiled on a pure data-parallel mesh over all devices; every
-collective in the compiled HLO is read with its result size and group size, and converted to bytes each device
-sends under the usual ring algorithms (all-reduce 2(n-1)/n × size, all-gather and all-to-all (n-1)/n × result,
-reduce-scatter (n-1) × result, collective-permute 1 × result). `gradient_bytes` is that sum over every collective
-except forward-pass activation traffic (ops traced under `jvp(` but not `transpose(`), reported separately as
-`activation_bytes`. Then the same short DigitWorld run (same data order and seeds) gives each method's loss.
+For each measured stage and method the stage's train step is compiled on a pure data-parallel mesh over all
+devices; every collective in the compiled HLO is read with its result size and group size, and converted to bytes
+each device sends under the usual ring algorithms (all-reduce 2(n-1)/n × size, all-gather and all-to-all (n-1)/n ×
+result, reduce-scatter (n-1) × result, collective-permute 1 × result). `gradient_bytes` is that sum over every
+collective except forward-pass activation traffic (ops traced under `jvp(` but not `transpose(`), reported separately
+as `activation_bytes`. The headline, `bytes_ratio_vs_none`, divides the uncompressed ('none', GSPMD) program's
+gradient bytes for the same stage by the method's. Then the same short DigitWorld run of the stage (same data order
+and seeds) gives each method's loss.
 """
 
 import dataclasses
@@ -14,11 +16,14 @@ import time
 from typing import Any, Iterable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from crucible_jax.bench.common import device_info
 from crucible_jax.parallel import compression
+from crucible_jax.parallel.mesh import data_axes
 from crucible_jax.train.setup import Experiment
 
 _OP = re.compile(r"=\s*(?P<shape>\(.*?\)|\S+)\s+(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|"
@@ -31,7 +36,9 @@ _OP_NAME = re.compile(r'op_name="(?P<name>[^"]*)"')
 _RING_FACTOR = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
                 "all-to-all": lambda n: (n - 1) / n, "reduce-scatter": lambda n: float(n - 1),
                 "collective-permute": lambda n: 1.0}
-STEPS = 80  # training steps per method (one stage)
+STEPS = 80  # training steps per method and stage
+GOALS = {"bf16": 1.9, "int8": 3.5, "powersgd": 8.0}  # minimum bytes_ratio_vs_none (issue 28)
+LOSS_TOLERANCE = 0.02  # largest |final loss / none's - 1| (issue 28)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,23 +114,35 @@ def traffic(hlo_text: str, num_devices: int) -> dict[str, Any]:
   }
 
 
-def method_config(config: ml_collections.ConfigDict, method: str, steps: int) -> ml_collections.ConfigDict:
-  """`config` on a pure data-parallel mesh over all devices, its first stage only, with compression `method`."""
+def default_stages(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The last stage that freezes nothing (a curriculum's widest) and the first that freezes some params, if any."""
+  order = tuple(config.stage_order)
+  open_ = [name for name in order if not tuple(config.stages[name].frozen)]
+  frozen = [name for name in order if tuple(config.stages[name].frozen)]
+  return tuple(dict.fromkeys(open_[-1:] + frozen[:1])) or order[:1]
+
+
+def method_config(config: ml_collections.ConfigDict, method: str, steps: int,
+                  stage: str | None = None) -> ml_collections.ConfigDict:
+  """`config` on a pure data-parallel mesh over all devices, `stage` (default: the first) alone, with compression
+  `method`."""
   cfg = config.copy_and_resolve_references()
+  stage = stage or cfg.stage_order[0]
+  if stage not in cfg.stages:
+    raise ValueError(f"bench comm: unknown stage {stage!r}; the config has {tuple(cfg.stages)}")
   with cfg.unlocked():
     cfg.mesh.update(data=-1, fsdp=1, tensor=1)
     cfg.sharding.layout = "dp"
     cfg.compression.method = method
-    first = cfg.stage_order[0]
-    cfg.stage_order = (first,)
-    cfg.stages[first].steps = max(steps, 1)
-    cfg.stages[first].warmup = min(cfg.stages[first].warmup, max(steps, 1))
+    cfg.stage_order = (stage,)
+    cfg.stages[stage].update(steps=max(steps, 1), warmup=min(cfg.stages[stage].warmup, max(steps, 1)), carry=())
   return cfg
 
 
-def compile_method(config: ml_collections.ConfigDict, method: str, steps: int = STEPS) -> dict[str, Any]:
-  """Experiment, initial state, compiled step and HLO traffic of one compression method."""
-  experiment = Experiment(method_config(config, method, steps))
+def compile_method(config: ml_collections.ConfigDict, method: str, steps: int = STEPS,
+                   stage: str | None = None) -> dict[str, Any]:
+  """Experiment, initial state, compiled step and HLO traffic of one compression method on one stage."""
+  experiment = Experiment(method_config(config, method, steps, stage))
   abstract, make, shardings, step = experiment.stage_program(experiment.plans[0])
   batch = experiment.abstract_batch()
   start = time.perf_counter()
@@ -150,44 +169,83 @@ def train_losses(parts: dict[str, Any], steps: int) -> list[float]:
   return [float(x) for x in jax.device_get(losses)]
 
 
-def run(config: ml_collections.ConfigDict, *, methods: Iterable[str] = compression.METHODS,
-        steps: int = STEPS) -> dict[str, Any]:
-  """Bytes on the wire and final loss of each method, with ratios against uncompressed float32 ('none')."""
-  if jax.device_count() < 2:
-    raise ValueError("bench comm needs several devices to communicate; on CPU run it with "
-                     "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def backend_bf16_collectives(mesh: jax.sharding.Mesh) -> dict[str, dict[str, str]]:
+  """Element type on the wire of each collective of a bfloat16 operand, from this backend's compiled HLO."""
+  axes, n = data_axes(), mesh.devices.size
+  bits = lambda v: jax.lax.bitcast_convert_type(v.astype(jnp.bfloat16), jnp.uint16)
+  programs = {
+      "psum(bf16)": lambda v: jax.lax.psum(v.astype(jnp.bfloat16), axes),
+      "psum_scatter(bf16)": lambda v: jax.lax.psum_scatter(v.astype(jnp.bfloat16), axes, tiled=True),
+      "all_to_all(bf16)": lambda v: jax.lax.all_to_all(v.astype(jnp.bfloat16).reshape(n, -1), axes, 0, 0, tiled=True),
+      "all_gather(bf16)": lambda v: jax.lax.all_gather(v.astype(jnp.bfloat16), axes, tiled=True),
+      "all_to_all(bf16 bits as uint16)": lambda v: jax.lax.all_to_all(bits(v).reshape(n, -1), axes, 0, 0, tiled=True),
+      "all_gather(bf16 bits as uint16)": lambda v: jax.lax.all_gather(bits(v), axes, tiled=True),
+  }
+  x = jax.ShapeDtypeStruct((n * 256,), jnp.float32, sharding=NamedSharding(mesh, P(axes)))
+  out = {}
+  for name, fn in programs.items():
+    hlo = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(axes), out_specs=P(axes))).lower(x).compile().as_text()
+    line = next(line.strip() for line in hlo.splitlines() if _OP.search(line))
+    out[name] = {"wire_dtype": ",".join(parse_collectives(line, n)[0].dtypes), "hlo": line[:160]}
+  return out
+
+
+def measure_stage(config: ml_collections.ConfigDict, stage: str, methods: Iterable[str],
+                  steps: int) -> dict[str, Any]:
+  """Bytes on the wire and final loss of each method on one stage, with ratios against its 'none' run."""
   report: dict[str, Any] = {"methods": {}}
   for method in methods:
-    parts = compile_method(config, method, steps)
+    parts = compile_method(config, method, steps, stage)
+    experiment = parts["experiment"]
     entry = {**parts["traffic"], "compile_s": parts["compile_s"]}
     if steps > 0:
       start = time.perf_counter()
       losses = train_losses(parts, steps)
-      tail = losses[-10:]
-      entry.update(final_loss=float(np.mean(tail)), last_loss=losses[-1], first_loss=losses[0],
+      entry.update(final_loss=float(np.mean(losses[-10:])), last_loss=losses[-1], first_loss=losses[0],
                    loss_every_10=losses[::10], train_s=time.perf_counter() - start)
     report["methods"][method] = entry
-    report.setdefault("mesh_info", device_info(parts["experiment"].mesh))
-    report.setdefault("param_bytes_f32", 4 * sum(int(np.prod(x.shape))
-                                                 for x in jax.tree.leaves(parts["experiment"].abstract_params)))
-  n = report["mesh_info"]["num_devices"]
-  full_f32 = 2 * (n - 1) / n * report["param_bytes_f32"]  # a float32 ring all-reduce of every param's gradient
-  base = report["methods"].get("none")
-  for entry in report["methods"].values():
-    entry["bytes_ratio_vs_f32_all_params"] = full_f32 / max(entry["gradient_bytes"], 1.0)
-  if base:
-    for entry in report["methods"].values():
-      entry["bytes_ratio_vs_none"] = base["gradient_bytes"] / max(entry["gradient_bytes"], 1.0)
-      if "final_loss" in entry:
-        entry["loss_rel_diff_vs_none"] = (entry["final_loss"] - base["final_loss"]) / abs(base["final_loss"])
-  report.update(report.pop("mesh_info"))
-  report.update(steps=steps, stage=config.stage_order[0], batch_size=config.batch_size, notes=[
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(experiment.abstract_params)]
+    report["params"] = sum(sizes)
+    trained = experiment.trained(experiment.plans[0])
+    if trained is not None:
+      report["trained_params"] = sum(s for s, on in zip(sizes, jax.tree.leaves(trained)) if on)
+  return compare_to_none(report)
+
+
+def compare_to_none(stage: dict[str, Any]) -> dict[str, Any]:
+  """Add each method's `bytes_ratio_vs_none`, `loss_rel_diff_vs_none` and `meets_goal` to a stage's report."""
+  base = stage["methods"].get("none")
+  if base is None:
+    return stage
+  for method, entry in stage["methods"].items():
+    entry["bytes_ratio_vs_none"] = base["gradient_bytes"] / max(entry["gradient_bytes"], 1.0)
+    if "final_loss" in entry:
+      entry["loss_rel_diff_vs_none"] = (entry["final_loss"] - base["final_loss"]) / abs(base["final_loss"])
+    if method in GOALS:
+      entry["meets_goal"] = bool(entry["bytes_ratio_vs_none"] >= GOALS[method] and
+                                 abs(entry.get("loss_rel_diff_vs_none", 0.0)) <= LOSS_TOLERANCE)
+  return stage
+
+
+def run(config: ml_collections.ConfigDict, *, methods: Iterable[str] = compression.METHODS, steps: int = STEPS,
+        stages: Iterable[str] | None = None) -> dict[str, Any]:
+  """Per stage (default `default_stages`), bytes on the wire and final loss of each method against 'none'."""
+  if jax.device_count() < 2:
+    raise ValueError("bench comm needs several devices to communicate; on CPU run it with "
+                     "XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  stages = tuple(stages or default_stages(config))
+  methods = tuple(methods)
+  report: dict[str, Any] = {"stages": {stage: measure_stage(config, stage, methods, steps) for stage in stages}}
+  experiment = Experiment(method_config(config, "none", 1, stages[0]))
+  report.update(device_info(experiment.mesh), steps=steps, batch_size=config.batch_size, goals=GOALS,
+                loss_tolerance=LOSS_TOLERANCE, backend_bf16_collectives=backend_bf16_collectives(experiment.mesh))
+  report["notes"] = [
       "gradient_bytes: bytes one device sends per step (ring model) for every collective except forward-pass "
       "activation traffic (activation_bytes); read from the compiled HLO",
-      "bytes_ratio_vs_none compares compiled programs: GSPMD ('none') reduces only the gradients the stage's "
-      "objective produces, the compressed methods reduce one bucket of all params; bytes_ratio_vs_f32_all_params "
-      "compares with a float32 ring all-reduce of every param's gradient",
+      "bytes_ratio_vs_none: gradient_bytes of the uncompressed (GSPMD) program of the same stage over the method's; "
+      "the compressed methods send only the trained_params (frozen, unused and routed-off params excluded)",
       "final_loss: mean of the last 10 step losses; every method sees the same batches and seeds",
-      "on CPU, XLA may upcast a bfloat16 all-reduce to float32: see gradient_dtypes of 'bf16'",
-  ])
+      "backend_bf16_collectives: XLA:CPU compiles every bfloat16 collective in float32 (it moves the convert past "
+      "the collective), so bf16 sends its bfloat16 bits as uint16 through an all-to-all + all-gather pair",
+  ]
   return report

@@ -6,6 +6,8 @@ params and optimizer state (from their shardings), `memory_analysis()` (argument
 activations and gradients), and collective bytes each device sends per step (`bench.comm.traffic`).
 Projected: step time = compute (the program's FLOPs at an assumed A100 MFU) + a hierarchical ring all-reduce of
 the gradients (NVLink inside a node of 8, a per-GPU network link across nodes); the assumptions go in the JSON.
+Per compression method the same model runs with the gradient bytes shrunk by the method's measured
+`bytes_ratio_vs_none`, for an NVLink network and for 100 Gb/s Ethernet between hosts.
 """
 
 from typing import Any, Callable
@@ -16,6 +18,7 @@ import numpy as np
 
 from crucible_jax.bench import comm
 from crucible_jax.bench.common import compiled_flops, device_info
+from crucible_jax.parallel import compression
 from crucible_jax.parallel.mesh import build_mesh
 from crucible_jax.train.setup import Experiment
 
@@ -35,6 +38,9 @@ ASSUMPTIONS = dict(
     gradient_bytes_per_param=4,  # float32 gradient all-reduce (2 with bf16 compression)
     latency_s=10e-6,  # per ring hop
 )
+# Per-GPU bandwidth between nodes of the per-method rows: an NVLink network across nodes, or one 100 Gb/s
+# Ethernet NIC per host of 8 GPUs (12.5 GB/s shared by 8).
+LINKS = {"nvlink_300GB/s": 300e9, "ethernet_100Gb/s_per_host": 100e9 / 8 / 8}
 
 
 def _bytes_per_device(tree: Any) -> int:
@@ -111,6 +117,26 @@ def project(num_params: int, flops_per_step: float, a: dict[str, Any] = ASSUMPTI
   return out
 
 
+def project_methods(num_params: int, flops_per_step: float, bytes_ratio_vs_none: dict[str, float],
+                    a: dict[str, Any] = ASSUMPTIONS) -> dict[str, Any]:
+  """Per compression method and link: efficiency at 8/16/32 GPUs (no overlap) when the uncompressed float32
+  gradient bytes shrink by the method's measured `bytes_ratio_vs_none`."""
+  compute_s = flops_per_step / (a["a100_peak_flops"] * a["mfu"])
+  out: dict[str, Any] = {}
+  for method, ratio in bytes_ratio_vs_none.items():
+    grad_bytes = num_params * a["gradient_bytes_per_param"] / ratio
+    out[method] = {"bytes_ratio_vs_none": ratio, "gradient_bytes": grad_bytes}
+    for link, bw in LINKS.items():
+      out[method][link] = {str(n): compute_s / (compute_s + allreduce_s(grad_bytes, n, bw, a)) for n in CLAIMS}
+  return out
+
+
+def measured_ratios(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """bytes_ratio_vs_none of each compression method, from the first stage's compiled programs on all devices."""
+  grad_bytes = {m: comm.compile_method(config, m, 1)["traffic"]["gradient_bytes"] for m in compression.METHODS}
+  return {m: grad_bytes["none"] / max(b, 1.0) for m, b in grad_bytes.items()}
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Memory/communication table over layouts × device counts, FSDP memory fraction, and the A100 projection."""
   counts = [n for n in DEVICE_COUNTS if n <= jax.device_count()]
@@ -131,9 +157,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                "target_max": 1 / top + 0.1, "meets_target": fraction <= 1 / top + 0.1},
       "projection_a100": {"label": "ANALYTIC PROJECTION, not a measurement", "assumptions": ASSUMPTIONS,
                           **project(single["num_params"], single["flops"])},
+      "projection_a100_by_compression": {
+          "label": "ANALYTIC PROJECTION (a model, not a measurement) from the measured bytes_ratio_vs_none",
+          "links_bytes_per_s_per_gpu": LINKS,
+          "methods": project_methods(single["num_params"], single["flops"], measured_ratios(config))
+          if jax.device_count() > 1 else {}},
       "notes": ["params/opt_state bytes: per device, from the shardings; temp = XLA temporaries (activations, "
                 "gradients, workspace) from memory_analysis()",
                 "comm: bytes each device sends per step (ring model) read from the compiled HLO",
                 "projection: weak scaling, every GPU runs this batch; compute = FLOPs of the 1-device program at "
-                "the assumed MFU; communication = one bucketed hierarchical ring all-reduce of the gradients"],
+                "the assumed MFU; communication = one bucketed hierarchical ring all-reduce of the gradients",
+                "projection_a100_by_compression: the same model with the float32 gradient bytes divided by each "
+                "method's bytes_ratio_vs_none, measured from the first stage's compiled programs on all devices"],
   }

@@ -1,30 +1,33 @@
 """Data-parallel gradient mean with compressed communication, written out explicitly inside `jax.shard_map`.
 
-Params are replicated (pure data parallelism); each data shard differentiates its local batch-mean loss, then:
+Params are replicated (pure data parallelism); each data shard differentiates its local batch-mean loss. Only the
+params the stage trains are communicated (`trained_leaves`: frozen, unused and routed-off params have no gradient),
+flattened into one bucket per kind so the collective count stays small:
   none      psum / n in float32.
-  bf16      cast to bfloat16, psum, cast back: half the bytes, ~3 significant digits.
-  int8      int8 reduce-scatter + int8 all-gather with per-block absmax scales and error feedback. All grads are
-            flattened into one bucket of blocks; phase 1 quantises grad + residual and `all_to_all`s the blocks
-            so device j receives block-chunk j from everyone, dequantises and means it in float32; phase 2
-            re-quantises that mean chunk (with its own residual) and `all_gather`s it. Each device sends about
-            2 (n-1)/n bytes per element against 8 (n-1)/n for a float32 ring all-reduce. (An int8 all-gather of
-            whole gradients would send (n-1) bytes per element: no saving at n = 8.) Per element, the first
-            step's error is at most (mean_i absmax_i + absmax of the mean) / 254 of its block.
+  bf16      bfloat16 all-to-all of the bucket (device j receives chunk j from everyone), float32 mean of the chunk,
+            bfloat16 all-gather: 4 (n-1)/n bytes per element against 8 (n-1)/n for a float32 ring all-reduce. The
+            bfloat16 travels bitcast to uint16: XLA:CPU compiles a bfloat16 psum, reduce-scatter, all-to-all or
+            all-gather as float32 (see `bench comm`'s `backend_bf16_collectives`).
+  int8      the same two phases in int8 with per-block absmax scales and error feedback on both: phase 1 quantises
+            grad + residual before the all-to-all, phase 2 re-quantises the mean chunk (with its own residual)
+            before the all-gather; about 2 (n-1)/n bytes per element. Per element, the first step's error is at
+            most (mean_i absmax_i + absmax of the mean) / 254 of its block.
   powersgd  rank-r PowerSGD (Vogels et al. 2019): one power iteration warm-started from the persistent Q, error
-            feedback; tensors reshaped to (prod(shape[:-1]), shape[-1]); vectors and matrices that rank r
-            would not shrink are sent uncompressed in float32.
+            feedback; each tensor is viewed as its most square (rows, cols) split; all P's go in one float32
+            all-reduce with the tensors rank r would not shrink (sent exactly), all Q's in another.
 Residuals are per device, stored as global arrays with a leading device dim sharded over the data axes, so they
 survive jit, donation and checkpoints like any other state. Loss and aux come back as global means (integer
 aux leaves, e.g. counts, as global sums).
 """
 
+import math
 import re
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
+from jax.interpreters import partial_eval as pe
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from crucible_jax.parallel.mesh import data_axes, num_data_shards
@@ -42,38 +45,67 @@ def _check_method(method: str, mesh: Mesh) -> None:
                      "use fsdp=1, tensor=1 or compression 'none'")
 
 
+def trained_leaves(loss_fn: LossFn, params: Any, batch: Any, mesh: Mesh) -> Any:
+  """Bools shaped like `params`: True where the loss has a gradient, i.e. its JVP reads that tangent (dead-code
+  elimination of the traced JVP); params cut by stop_gradient (frozen), unused by the objective or routed off are
+  False. `batch` is the global batch (arrays or ShapeDtypeStructs), traced per data shard as the step runs it."""
+  axes = data_axes()
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  params, batch = jax.tree.map(abstract, params), jax.tree.map(abstract, batch)
+
+  def tangent(t, p, b):
+    out = jax.jvp(lambda q: loss_fn(q, b, jax.random.key(0))[0], (p,), (t,))[1]
+    return jax.lax.pmean(out, axes)
+
+  mapped = jax.shard_map(tangent, mesh=mesh, in_specs=(P(), P(), P(axes)), out_specs=P(), check_vma=False)
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(mapped)(params, params, batch).jaxpr
+  _, used = pe.dce_jaxpr(jaxpr, [True])
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, used[:len(leaves)])
+
+
 def _path_name(path: tuple[Any, ...]) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _selected(tree: Any, trained: Any | None) -> list[tuple[str, Any]]:
+  """(path name, leaf) of every trained leaf, in flatten order; `trained=None` selects all."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  mask = [True] * len(flat) if trained is None else jax.tree.leaves(trained)
+  if len(mask) != len(flat):
+    raise ValueError(f"trained mask has {len(mask)} leaves but the params have {len(flat)}")
+  return [(_path_name(path), leaf) for (path, leaf), keep in zip(flat, mask) if keep]
+
+
 def _matrix_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int] | None:
-  """(rows, cols) PowerSGD compresses a leaf of `shape` as, or None to send it uncompressed."""
-  if len(shape) < 2:
+  """The most square (rows, cols) split PowerSGD compresses a leaf of `shape` as, or None to send it as is."""
+  splits = [(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))]
+  if not splits:
     return None
-  rows, cols = int(np.prod(shape[:-1])), int(shape[-1])
-  r = min(rank, rows, cols)
-  return (rows, cols) if (rows + cols) * r < rows * cols else None
+  rows, cols = min(splits, key=sum)
+  return (rows, cols) if (rows + cols) * min(rank, rows, cols) < rows * cols else None
 
 
-def _int8_sizes(params: Any, n: int, block: int) -> tuple[int, int]:
-  """(padded bucket length, chunk length per device) of the int8 bucket."""
-  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  padded = -(-total // (block * n)) * block * n
+def _bucket_sizes(num_elements: int, n: int, block: int) -> tuple[int, int]:
+  """(padded bucket length, chunk length per device) of a bucket of `num_elements` in blocks of `block`."""
+  padded = max(-(-num_elements // (block * n)), 1) * block * n
   return padded, padded // n
 
 
-def _state_shapes(params: Any, method: str, n: int, rank: int, block: int) -> dict[str, Any]:
+def _state_shapes(params: Any, method: str, n: int, rank: int, block: int, trained: Any | None) -> dict[str, Any]:
   """Shapes of the compression state: error buffers lead with the device dim n."""
+  leaves = _selected(params, trained)
   if method == "int8":
-    padded, chunk = _int8_sizes(params, n, block)
+    padded, chunk = _bucket_sizes(sum(math.prod(x.shape) for _, x in leaves), n, block)
     return {"error": (n, padded), "chunk_error": (n, chunk)}
   if method == "powersgd":
     error, q = {}, {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for name, leaf in leaves:
       matrix = _matrix_shape(tuple(leaf.shape), rank)
       if matrix is not None:
-        error[_path_name(path)] = (n, *leaf.shape)
-        q[_path_name(path)] = (matrix[1], min(rank, *matrix))
+        error[name] = (n, *leaf.shape)
+        q[name] = (matrix[1], min(rank, *matrix))
     return {"error": error, "q": q}
   return {}
 
@@ -92,10 +124,10 @@ def _error_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(split if len(split) > 1 else split[0]) if split else P())
 
 
-def compression_state_shardings(params: Any, method: str, mesh: Mesh, *, rank: int = 4,
+def compression_state_shardings(params: Any, method: str, mesh: Mesh, *, trained: Any | None = None, rank: int = 4,
                                 block: int = 256) -> dict[str, Any]:
   """Shardings of `init_compression_state`'s output, without allocating it (for jit out_shardings)."""
-  shapes = _state_shapes(params, method, num_data_shards(mesh), rank, block)
+  shapes = _state_shapes(params, method, num_data_shards(mesh), rank, block, trained)
   errors, replicated = _error_sharding(mesh), NamedSharding(mesh, P())
   if method == "int8":
     return {k: errors for k in shapes}
@@ -104,11 +136,12 @@ def compression_state_shardings(params: Any, method: str, mesh: Mesh, *, rank: i
   return {}
 
 
-def init_compression_state(params: Any, method: str, mesh: Mesh, *, rank: int = 4, seed: int = 0,
-                           block: int = 256) -> dict[str, Any]:
-  """Zero residuals (sharded over the data axes) and random PowerSGD Q (replicated); {} for none/bf16."""
+def init_compression_state(params: Any, method: str, mesh: Mesh, *, trained: Any | None = None, rank: int = 4,
+                           seed: int = 0, block: int = 256) -> dict[str, Any]:
+  """Zero residuals (sharded over the data axes) and random PowerSGD Q (replicated) for the `trained` params
+  (None: all); {} for none/bf16."""
   _check_method(method, mesh)
-  shapes = _state_shapes(params, method, num_data_shards(mesh), rank, block)
+  shapes = _state_shapes(params, method, num_data_shards(mesh), rank, block, trained)
   errors = _error_sharding(mesh)
   state: dict[str, Any] = {}
   if method == "int8":
@@ -123,6 +156,18 @@ def init_compression_state(params: Any, method: str, mesh: Mesh, *, rank: int = 
   return state
 
 
+def _flatten(leaves: list[jax.Array], padded: int) -> jax.Array:
+  """One float32 bucket of `leaves`, zero-padded to `padded` elements."""
+  flat = jnp.concatenate([x.astype(jnp.float32).reshape(-1) for x in leaves]) if leaves else jnp.zeros((0,))
+  return jnp.pad(flat, (0, padded - flat.size))
+
+
+def _unflatten(flat: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
+  """Split a bucket back into arrays shaped and typed like `like` (padding dropped)."""
+  offsets = np.cumsum([0] + [math.prod(x.shape) for x in like])
+  return [flat[a:b].reshape(x.shape).astype(x.dtype) for a, b, x in zip(offsets[:-1], offsets[1:], like)]
+
+
 def _quantise(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """int8 values and float32 scales of x[..., block], one absmax scale per block."""
   scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
@@ -135,12 +180,37 @@ def _dequantise(values: jax.Array, scale: jax.Array) -> jax.Array:
   return values.astype(jnp.float32) * scale[..., None]
 
 
-def _int8_mean(grads: Any, state: dict[str, jax.Array], n: int, block: int) -> tuple[Any, dict[str, jax.Array]]:
-  """Mean of `grads` over the data axes, communicated as int8 (two phases, error feedback on both)."""
+def _as_bits(x: jax.Array) -> jax.Array:
+  """x rounded to bfloat16 and viewed as uint16: XLA:CPU compiles bfloat16 collectives in float32 (it moves the
+  convert past them), but moves uint16 as is."""
+  return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+
+
+def _from_bits(bits: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32)
+
+
+def _bf16_mean(flat: jax.Array, n: int) -> jax.Array:
+  """Mean over the data axes of a float32 bucket (length divisible by n), sent as bfloat16 in two phases."""
   axes = data_axes()
-  flat, unravel = ravel_pytree(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
-  padded = state["error"].shape[-1]
-  wanted = jnp.pad(flat, (0, padded - flat.size)) + state["error"][0]
+  chunks = jax.lax.all_to_all(_as_bits(flat.reshape(n, -1)), axes, 0, 0, tiled=True)
+  chunk_mean = jnp.mean(_from_bits(chunks), axis=0)  # row i: my chunk as device i holds it
+  return _from_bits(jax.lax.all_gather(_as_bits(chunk_mean), axes, tiled=True))
+
+
+def _bf16_leaves(leaves: list[jax.Array], n: int) -> list[jax.Array]:
+  """Means of `leaves` over the data axes through one bfloat16 bucket."""
+  if not leaves:
+    return []
+  padded = _bucket_sizes(sum(math.prod(x.shape) for x in leaves), n, 1)[0]
+  return _unflatten(_bf16_mean(_flatten(leaves, padded), n), leaves)
+
+
+def _int8_leaves(leaves: list[jax.Array], state: dict[str, jax.Array], n: int,
+                 block: int) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+  """Means of `leaves` over the data axes, communicated as int8 (two phases, error feedback on both)."""
+  axes = data_axes()
+  wanted = _flatten(leaves, state["error"].shape[-1]) + state["error"][0]
   values, scale = _quantise(wanted.reshape(n, -1, block))
   error = wanted - _dequantise(values, scale).reshape(-1)
   values = jax.lax.all_to_all(values, axes, 0, 0, tiled=True)  # row i = my chunk, as device i quantised it
@@ -148,32 +218,41 @@ def _int8_mean(grads: Any, state: dict[str, jax.Array], n: int, block: int) -> t
   chunk_mean = jnp.mean(_dequantise(values, scale), axis=0) + state["chunk_error"][0].reshape(-1, block)
   values, scale = _quantise(chunk_mean)
   chunk_error = (chunk_mean - _dequantise(values, scale)).reshape(-1)
-  values = jax.lax.all_gather(values, axes, tiled=True, to="invarying")
-  scale = jax.lax.all_gather(scale, axes, tiled=True, to="invarying")
-  mean = unravel(_dequantise(values, scale).reshape(-1)[: flat.size])
-  mean = jax.tree.map(lambda m, g: m.astype(g.dtype), mean, grads)
+  values = jax.lax.all_gather(values, axes, tiled=True)
+  scale = jax.lax.all_gather(scale, axes, tiled=True)
+  mean = _unflatten(_dequantise(values, scale).reshape(-1), leaves)
   return mean, {"error": error[None], "chunk_error": chunk_error[None]}
 
 
-def _powersgd_mean(grads: Any, state: dict[str, Any], rank: int) -> tuple[Any, dict[str, Any]]:
-  """Rank-`rank` PowerSGD mean over the data axes with error feedback and warm-started Q."""
-  axes = data_axes()
-  new_error, new_q = {}, {}
+def _pmean_bucket(arrays: list[jax.Array]) -> list[jax.Array]:
+  """Float32 means over the data axes of `arrays`, as one all-reduce."""
+  if not arrays:
+    return []
+  size = sum(math.prod(x.shape) for x in arrays)
+  return _unflatten(jax.lax.pmean(_flatten(arrays, size), data_axes()), arrays)
 
-  def reduce(path: tuple[Any, ...], g: jax.Array) -> jax.Array:
-    matrix = _matrix_shape(tuple(g.shape), rank)
-    if matrix is None:
-      return jax.lax.pmean(g.astype(jnp.float32), axes).astype(g.dtype)
-    key = _path_name(path)
-    m = g.astype(jnp.float32).reshape(matrix) + state["error"][key][0].reshape(matrix)
-    p, _ = jnp.linalg.qr(jax.lax.pmean(m @ state["q"][key], axes))
-    own_q = m.T @ p
-    new_error[key] = (m - p @ own_q.T).reshape(g.shape)[None]  # what this device's own contribution lost
-    new_q[key] = jax.lax.pmean(own_q, axes)
-    return (p @ new_q[key].T).reshape(g.shape).astype(g.dtype)
 
-  mean = jax.tree_util.tree_map_with_path(reduce, grads)
-  return mean, {"error": new_error, "q": new_q}
+def _powersgd_leaves(named: list[tuple[str, jax.Array]], state: dict[str, Any],
+                     rank: int) -> tuple[list[jax.Array], dict[str, Any]]:
+  """Rank-`rank` PowerSGD means of the named leaves with error feedback and warm-started Q. Two float32
+  all-reduces: the P's with the leaves rank `rank` would not shrink (sent exactly), then the Q's."""
+  low = [i for i, (k, _) in enumerate(named) if k in state["q"]]
+  rest = [i for i, (k, _) in enumerate(named) if k not in state["q"]]
+  m = {i: (named[i][1].astype(jnp.float32) + state["error"][named[i][0]][0]).reshape(
+      _matrix_shape(named[i][1].shape, rank)) for i in low}
+  reduced = _pmean_bucket([m[i] @ state["q"][named[i][0]] for i in low] + [named[i][1] for i in rest])
+  out: list[Any] = [None] * len(named)
+  for i, mean in zip(rest, reduced[len(low):]):
+    out[i] = mean
+  p = {i: jnp.linalg.qr(x)[0] for i, x in zip(low, reduced)}
+  own_q = {i: m[i].T @ p[i] for i in low}
+  error, new_q = {}, {}
+  for i, q in zip(low, _pmean_bucket([own_q[i] for i in low])):
+    name, g = named[i]
+    error[name] = (m[i] - p[i] @ own_q[i].T).reshape(g.shape)[None]  # what this device's own contribution lost
+    new_q[name] = q
+    out[i] = (p[i] @ q.T).reshape(g.shape).astype(g.dtype)
+  return out, {"error": error, "q": new_q}
 
 
 def _global_aux(aux: Any) -> Any:
@@ -183,11 +262,13 @@ def _global_aux(aux: Any) -> Any:
       else jax.lax.psum(x.astype(jnp.int32), axes), aux)
 
 
-def make_compressed_value_and_grad(loss_fn: LossFn, mesh: Mesh, method: str, *, rank: int = 4,
-                                   block: int = 256) -> Callable[..., tuple[tuple[jax.Array, Any], Any, Any]]:
+def make_compressed_value_and_grad(loss_fn: LossFn, mesh: Mesh, method: str, *, trained: Any | None = None,
+                                   rank: int = 4, block: int = 256
+                                   ) -> Callable[..., tuple[tuple[jax.Array, Any], Any, Any]]:
   """fn(params, batch, comp_state, rng) -> ((loss, aux), grads, new_comp_state), grads = global mean.
 
-  `loss_fn(params, batch, rng) -> (loss, aux)` sees the local batch shard and a per-shard rng.
+  `loss_fn(params, batch, rng) -> (loss, aux)` sees the local batch shard and a per-shard rng. Only the `trained`
+  params (a bool pytree from `trained_leaves`; None: all) are communicated; the others' gradients are zero.
   """
   _check_method(method, mesh)
   if rank < 1 or block < 1:
@@ -196,25 +277,32 @@ def make_compressed_value_and_grad(loss_fn: LossFn, mesh: Mesh, method: str, *, 
 
   def local(params, batch, comp_state, rng):
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axes))
-    local_params = jax.lax.pcast(params, axes, to="varying")  # grads stay local: no implicit psum
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(local_params, batch, rng)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+    flat, treedef = jax.tree.flatten(grads)
+    keep = [True] * len(flat) if trained is None else jax.tree.leaves(trained)
+    send = _selected(grads, trained)
+    leaves = [g for _, g in send]
     if method == "none":
-      grads = jax.tree.map(lambda g: (jax.lax.psum(g.astype(jnp.float32), axes) / n).astype(g.dtype), grads)
+      means = _pmean_bucket(leaves)
     elif method == "bf16":
-      grads = jax.tree.map(
-          lambda g: (jax.lax.psum(g.astype(jnp.bfloat16), axes).astype(jnp.float32) / n).astype(g.dtype), grads)
+      means = _bf16_leaves(leaves, n)
     elif method == "int8":
-      grads, comp_state = _int8_mean(grads, comp_state, n, block)
+      means, comp_state = _int8_leaves(leaves, comp_state, n, block)
     else:
-      grads, comp_state = _powersgd_mean(grads, comp_state, rank)
-    return (jax.lax.pmean(loss, axes), _global_aux(aux)), grads, comp_state
+      means, comp_state = _powersgd_leaves(send, comp_state, rank)
+    means = iter(means)
+    # An untrained leaf's gradient is zero on every device: a constant zero, nothing sent.
+    out = [next(means) if on else jnp.zeros(g.shape, g.dtype) for g, on in zip(flat, keep)]
+    return (jax.lax.pmean(loss, axes), _global_aux(aux)), jax.tree.unflatten(treedef, out), comp_state
 
   specs = _state_specs(method)
+  # Without replication checks autodiff stays per shard (no implicit psum of the replicated params' grads), and
+  # scans that start from constants (optax's CTC) trace; each reduction here is explicit.
   mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes), specs, P()),
-                         out_specs=((P(), P()), P(), specs))
+                         out_specs=((P(), P()), P(), specs), check_vma=False)
 
   def value_and_grad(params, batch, comp_state, rng):
-    expected = _state_shapes(params, method, n, rank, block)
+    expected = _state_shapes(params, method, n, rank, block, trained)
     actual = jax.tree.map(lambda x: tuple(x.shape), comp_state)
     if actual != expected:
       raise ValueError(f"comp_state does not fit method {method!r} (rank={rank}, block={block}) and these params: "

@@ -157,8 +157,8 @@ class Trainer:
     if latest is None:
       raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}: train first")
     meta = self.checkpointer.restore_meta(latest)
-    tx, *_ = self.experiment.stage_parts(self.plans[meta["stage_index"]])
-    abstract, _, _ = self.experiment.state_layout(tx)
+    plan = self.plans[meta["stage_index"]]
+    abstract, _, _ = self.experiment.state_layout(self.experiment.stage_parts(plan)[0], self.experiment.trained(plan))
     iterator = data_lib.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
                                             seed=self.config.seed, process_index=jax.process_index(),
                                             process_count=jax.process_count())

@@ -85,12 +85,14 @@ def _pretrain_term(modality: str, key: str) -> TermFn:
 
 
 def _contrastive_term(first: str, second: str, key: str, loss_kind: str, mesh: Mesh | None,
-                      batch_axes: Sequence[str]) -> TermFn:
+                      batch_axes: Sequence[str], gather_axes: Sequence[str]) -> TermFn:
   def term(outputs, batch):
     embeddings = _output(outputs, "embeddings", key)
     a, b = embeddings[first], embeddings[second]
     weight = sample_weight(batch)
     kwargs = dict(valid=modality_usable(outputs, batch, first, second), ids=batch["string_id"], weight=weight)
+    if gather_axes:  # inside a shard_map: every shard scores the global batch (all_gather's transpose sums grads)
+      (a, b), kwargs = jax.lax.all_gather(((a, b), kwargs), tuple(gather_axes), tiled=True)
     scale = _output(outputs, "logit_scale", key)
     if loss_kind == "clip":
       loss = (losses.clip_loss(a, b, scale, **kwargs) if mesh is None
@@ -207,7 +209,7 @@ def _routing_utility_term(outputs, batch):
 
 
 def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequence[str],
-                reference_glyphs: np.ndarray | None) -> tuple[str | None, TermFn]:
+                reference_glyphs: np.ndarray | None, gather_axes: Sequence[str] = ()) -> tuple[str | None, TermFn]:
   """(head, term function) for one spec key; ValueError naming the key if it is not understood."""
   fixed = {"vqa": ("vqa", _vqa_term), "tagging": ("tagging", _tagging_term), "asr": ("asr", _asr_term),
            "fused": ("fused", _fused_term),
@@ -226,25 +228,27 @@ def _parse_term(key: str, loss_kind: str, mesh: Mesh | None, batch_axes: Sequenc
   if family == "contrastive":
     first, _, second = rest.partition("-")
     if first in MODALITIES and second in MODALITIES and first != second:
-      return "embed", _contrastive_term(first, second, key, loss_kind, mesh, batch_axes)
+      return "embed", _contrastive_term(first, second, key, loss_kind, mesh, batch_axes, gather_axes)
   raise ValueError(f"unknown objective term {key!r}; expected pretrain/<m>, contrastive/<a>-<b> (m in "
                    f"{MODALITIES}, a != b), vqa, tagging, asr, fused, routing/budget, routing/balance, "
                    f"routing/utility, caption/<m> or imagine/<m>")
 
 
 def build_objective(spec: Mapping[str, float], *, loss_kind: str = "clip", mesh: Mesh | None = None,
-                    batch_axes: Sequence[str] = ("data", "fsdp"), reference_glyphs: np.ndarray | None = None
-                    ) -> tuple[tuple[str, ...], ObjectiveFn]:
+                    batch_axes: Sequence[str] = ("data", "fsdp"), reference_glyphs: np.ndarray | None = None,
+                    gather_axes: Sequence[str] = ()) -> tuple[tuple[str, ...], ObjectiveFn]:
   """The model heads a weighted sum of loss terms needs, and fn(outputs, batch) -> (loss, metrics).
 
   With `mesh`, contrastive terms use the ring-chunked losses over `batch_axes` (call fn under jit); with
-  `reference_glyphs`, `imagine/<m>` terms draw the digits in that reference hand instead of the sample's image.
+  `gather_axes` (fn runs per shard inside a shard_map over them), contrastive terms all-gather the shards'
+  embeddings and score the global batch; with `reference_glyphs`, `imagine/<m>` terms draw the digits in that
+  reference hand instead of the sample's image.
   """
   if loss_kind not in LOSS_KINDS:
     raise ValueError(f"loss_kind {loss_kind!r} is not one of {LOSS_KINDS}")
   terms, used_heads = [], set()
   for key, weight in spec.items():
-    head, fn = _parse_term(key, loss_kind, mesh, batch_axes, reference_glyphs)
+    head, fn = _parse_term(key, loss_kind, mesh, batch_axes, reference_glyphs, gather_axes)
     weight = float(weight)
     if weight < 0:
       raise ValueError(f"objective term {key!r} has negative weight {weight}")

@@ -55,6 +55,7 @@ class Experiment:
     self.param_shardings = rules_lib.logical_to_shardings(boxed, self.mesh, self.rules)
     self.abstract_params = nn.meta.unbox(boxed)
     self._check_param_patterns()
+    self._trained: dict[int, Any] = {}  # stage index -> `trained` mask (compressed runs)
     self._jitted_init = jax.jit(lambda r: nn.meta.unbox(self._init_boxed(r)), out_shardings=self.param_shardings,
                                 compiler_options=self._compiler_options(step_lib.CPU_RUN_ONCE_COMPILER_OPTIONS))
 
@@ -94,10 +95,12 @@ class Experiment:
     labels = optim.param_labels(self.abstract_params, tuple(plan.cfg.frozen), groups)
     frozen = jax.tree.map(lambda label: label == optim.FROZEN, labels)
     # Contrastive losses run as a ring over the data axes (no global B×B matrix on a device), unless the whole
-    # loss already runs per shard inside the compressed-gradient shard_map.
-    ring_mesh = self.mesh if self.config.compression.method == "none" else None
+    # loss already runs per shard inside the compressed-gradient shard_map: there each shard gathers the embeddings.
+    compressed = self.config.compression.method != "none"
     heads, objective = objectives.build_objective(dict(plan.cfg.objective), loss_kind=self.config.loss_kind,
-                                                  mesh=ring_mesh, reference_glyphs=self._reference_glyphs)
+                                                  mesh=None if compressed else self.mesh,
+                                                  gather_axes=mesh_lib.data_axes() if compressed else (),
+                                                  reference_glyphs=self._reference_glyphs)
     return tx, frozen, heads, objective
 
   @property
@@ -119,10 +122,25 @@ class Experiment:
     from crucible_jax.data.digit_world.draw import reference_glyphs_of  # pylint: disable=g-import-not-at-top
     return reference_glyphs_of(self.config.data)
 
-  def state_layout(self, tx: optax.GradientTransformation) -> tuple[TrainState, Callable, TrainState]:
-    """(abstract state with shardings, `make(params) -> state`, state shardings)."""
-    method, comp_cfg = self.config.compression.method, self.config.compression
-    comp_args = dict(rank=comp_cfg.rank, block=comp_cfg.get("block", 256))
+  def trained(self, plan: stages_lib.StagePlan) -> Any | None:
+    """Which params the stage's compressed gradient reduction sends (`compression.trained_leaves`); None when
+    uncompressed (GSPMD reduces only the gradients the program produces)."""
+    if self.config.compression.method == "none":
+      return None
+    if plan.index not in self._trained:
+      loss_fn = self._loss_fn(plan, self.stage_parts(plan))
+      self._trained[plan.index] = compression.trained_leaves(loss_fn, self.abstract_params, self.abstract_batch(),
+                                                             self.mesh)
+    return self._trained[plan.index]
+
+  def _compression_args(self, trained: Any | None) -> dict[str, Any]:
+    comp_cfg = self.config.compression
+    return dict(trained=trained, rank=comp_cfg.rank, block=comp_cfg.get("block", 256))
+
+  def state_layout(self, tx: optax.GradientTransformation,
+                   trained: Any | None = None) -> tuple[TrainState, Callable, TrainState]:
+    """(abstract state with shardings, `make(params) -> state`, state shardings); `trained` as `self.trained`."""
+    method, comp_args = self.config.compression.method, self._compression_args(trained)
 
     def make(params: Any) -> TrainState:
       comp = compression.init_compression_state(params, method, self.mesh, **comp_args) if method != "none" else {}
@@ -157,24 +175,26 @@ class Experiment:
   def stage_program(self, plan: stages_lib.StagePlan) -> StageProgram:
     """The stage's state layout and jitted train step (nothing compiled yet)."""
     parts = self.stage_parts(plan)
-    abstract, make, shardings = self.state_layout(parts[0])
+    abstract, make, shardings = self.state_layout(parts[0], self.trained(plan))
     return StageProgram(abstract, make, shardings, self._jit_train_step(plan, parts, shardings))
 
   def train_step(self, plan: stages_lib.StagePlan, shardings: TrainState) -> Callable:
     """The stage's jitted `train_step(state, batch, rng)`, donating the state."""
     return self._jit_train_step(plan, self.stage_parts(plan), shardings)
 
-  def _jit_train_step(self, plan: stages_lib.StagePlan, parts: tuple, shardings: TrainState) -> Callable:
+  def _loss_fn(self, plan: stages_lib.StagePlan, parts: tuple) -> Callable:
     _, frozen, heads, objective = parts
-    method = self.config.compression.method
     # Inside the compressed-gradient shard_map every array is local: no sharding constraints there.
-    loss_fn = step_lib.make_loss_fn(self.model, objective, heads, frozen, self.rules if method == "none" else (),
-                                    route=bool(plan.cfg.get("route", True)))
+    rules = self.rules if self.config.compression.method == "none" else ()
+    return step_lib.make_loss_fn(self.model, objective, heads, frozen, rules, route=bool(plan.cfg.get("route", True)))
+
+  def _jit_train_step(self, plan: stages_lib.StagePlan, parts: tuple, shardings: TrainState) -> Callable:
+    method = self.config.compression.method
+    loss_fn = self._loss_fn(plan, parts)
     grad_fn = None
     if method != "none":
       grad_fn = compression.make_compressed_value_and_grad(loss_fn, self.mesh, method,
-                                                           rank=self.config.compression.rank,
-                                                           block=self.config.compression.get("block", 256))
+                                                           **self._compression_args(self.trained(plan)))
     batch_shardings = {key: self.batch_sharding for key in self.example_batch(1)}
     return jax.jit(step_lib.make_train_step(loss_fn, grad_fn=grad_fn),
                    in_shardings=(shardings, batch_shardings, self.replicated),
