@@ -104,6 +104,10 @@ def run(args: argparse.Namespace, config: Any) -> int:
   message, status = check_args(args)
   if message:
     return _error(message, status)
+  import jax
+  if jax.process_count() > 1:
+    return _error(f"generate converts one input on one process; this job has {jax.process_count()} processes: "
+                  "run it as a plain `crucible generate` (train and eval run across processes)")
   converter = config.model.get("converter", {})
   if not converter.get("enabled", False):
     return _error(f"{args.config} has model.converter.enabled=False: use a config with a converter "

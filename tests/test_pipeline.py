@@ -80,6 +80,9 @@ def test_per_process_batches_are_local_and_distinct(cfg):
              for p in range(2)]
   assert batches[0]["image"].shape[0] == 4
   assert not np.array_equal(batches[0]["audio"], batches[1]["audio"])
+  whole = next(pipeline.make_train_iterator(cfg, global_batch=8, seed=2, process_index=0, process_count=1))
+  for key in whole:  # the processes' blocks, in process order, are the one-process batch
+    np.testing.assert_array_equal(np.concatenate([b[key] for b in batches]), whole[key], err_msg=key)
   with pytest.raises(ValueError, match="global_batch"):
     pipeline.make_train_iterator(cfg, global_batch=5, seed=2, process_index=0, process_count=2)
 

@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import types
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import jax
@@ -242,6 +242,11 @@ def _render_train_batch(
   return {key: np.stack([sample[key] for sample in samples]) for key in samples[0]}
 
 
+def _block(items: Sequence[Any], *, start: int, size: int) -> list[Any]:
+  """This process's contiguous block of a global batch's items."""
+  return list(items[start:start + size])
+
+
 def _at_step(index: int, sample: dict[str, np.ndarray], *, hook: Callable, local_batch: int) -> dict[str, np.ndarray]:
   """Call `hook(step, sample)` with the train step this element lands in (one batch per step)."""
   return hook(index // local_batch, sample)
@@ -264,9 +269,12 @@ def make_train_iterator(
   validate_data_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(global_batch, process_count)
-  dataset = train_recipes(data_cfg, seed=seed, process_index=process_index, process_count=process_count)
-  # Batch the recipes, then render a whole batch per map call: one grain element per step, not per sample.
-  dataset = dataset.batch(local_batch, drop_remainder=True, batch_fn=list)
+  # Every process reads the recipes of the whole global batch (cheap) and renders its contiguous block of it, so the
+  # global batch is the same on any number of processes: per-shard computations (the router's groups) match too.
+  dataset = train_recipes(data_cfg, seed=seed, process_index=0, process_count=1)
+  dataset = dataset.batch(global_batch, drop_remainder=True, batch_fn=functools.partial(
+      _block, start=process_index * local_batch, size=local_batch))
+  # Then render a whole batch per map call: one grain element per step, not per sample.
   dataset = dataset.map_with_index(functools.partial(_render_train_batch, data_cfg=data_cfg, seed=seed,
                                                      hook=sample_hook))
   return iter(_maybe_mp_prefetch(dataset.to_iter_dataset(_read_options(data_cfg)), data_cfg))

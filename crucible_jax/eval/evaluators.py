@@ -2,6 +2,8 @@
 
 Each evaluator says which model `heads` it needs, takes `update(outputs, batch)` per batch (numpy arrays; rows with
 `batch["weight"] == 0` are padding) and returns `{"task/metric": value}` from `result()`; the trainer adds the split.
+`outputs` and `batch` are the whole global batch on every process; the raw modality inputs (image, text, audio,
+video) are in `batch` only for an evaluator that names them in an `inputs` attribute.
 """
 
 from typing import Any, Mapping, Protocol, Sequence

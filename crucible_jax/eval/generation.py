@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from crucible_jax.common_types import IMAGE, MODALITIES, present_key
+from crucible_jax.common_types import IMAGE, MODALITIES, TEXT, present_key
 from crucible_jax.data import tokenizer
 from crucible_jax.eval import metrics
 from crucible_jax.eval.rows import present_rows, real_rows
@@ -158,6 +158,7 @@ class ImageGenerationEvaluator:
   """Exact-string accuracy of the recogniser on images generated from each source; a PNG grid beside the prompts."""
 
   heads = ("imagine",)
+  inputs = (IMAGE, TEXT)  # real images for the recogniser's ceiling; prompts for the grid
 
   def __init__(self, sources: Sequence[str] = ("text", "audio"), recognizer_steps: int = 1500,
                recognizer_examples: int = 8192, grid_rows: int = 8):

@@ -1,18 +1,27 @@
-"""Process-level setup: joining a multi-process JAX job and XLA flags for overlapped communication.
+"""Process-level setup and agreement: joining a multi-process JAX job, XLA flags for overlapped communication,
+agreeing on a stop, and the fault-injection hook the failure tests drive.
 
-Both must run before the first JAX computation (i.e. before the backend initialises).
+Joining and the flags must come before the first JAX computation (i.e. before the backend initialises).
 """
 
 import logging
 import os
+import sys
 from typing import Mapping, MutableMapping
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 # A peer that has not joined within INIT_TIMEOUT_S, or stops heartbeating for HEARTBEAT_TIMEOUT_S, fails the job
 # instead of hanging it.
 INIT_TIMEOUT_S = 300
 HEARTBEAT_TIMEOUT_S = 100
+
+# `CRUCIBLE_FAULT=PROCESS:POINT` makes process PROCESS exit abruptly (os._exit(FAULT_EXIT)) on reaching POINT.
+FAULT_ENV = "CRUCIBLE_FAULT"
+FAULT_POINTS = ("eval", "save")  # start of evaluation; right after a checkpoint save was started
+FAULT_EXIT = 13
 
 # Bytes up to which XLA merges small collectives into one (fewer launches; big enough to hide latency).
 COMBINE_THRESHOLD_BYTES = 128 * 1024 * 1024
@@ -102,3 +111,23 @@ def apply_xla_flags(flags: list[str], env: MutableMapping[str, str] = os.environ
   current = env.get("XLA_FLAGS", "").split()
   env["XLA_FLAGS"] = " ".join(current + [f for f in flags if f not in current])
   return env["XLA_FLAGS"]
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is True on any one; a collective, so every process must call it."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def fault_point(point: str, env: Mapping[str, str] = os.environ) -> None:
+  """Exit this process at once (no cleanup, like a crash) when `CRUCIBLE_FAULT` names it and `point`."""
+  spec = env.get(FAULT_ENV)
+  if not spec:
+    return
+  process, _, target = spec.partition(":")
+  if not process.isdigit() or target not in FAULT_POINTS:
+    raise ValueError(f"{FAULT_ENV}={spec!r}: expected PROCESS:POINT, POINT one of {FAULT_POINTS}")
+  if int(process) == jax.process_index() and target == point:
+    print(f"crucible: {FAULT_ENV}: process {process} exits at {point!r}", file=sys.stderr, flush=True)
+    os._exit(FAULT_EXIT)

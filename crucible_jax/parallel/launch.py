@@ -6,7 +6,8 @@
 Each child joins the job through `initialize_distributed` (coordinator 127.0.0.1:PORT, its own process id, the
 given heartbeat timeout) and then runs the `crucible` command line. If a child dies, the others' JAX distributed
 clients notice within the heartbeat timeout and abort; the launcher waits `--grace` seconds for that, then
-terminates whoever is left (watchdog), names the first failed process and exits with its status. On a cluster,
+terminates whoever is left (watchdog), names the first failed process and exits with its status. SIGTERM to the
+launcher goes to every child: they agree on a step, save one checkpoint together and exit 0. On a cluster,
 use `crucible train --coordinator/--num-processes/--process-id` (or SLURM's env) instead: one process per host.
 """
 
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _child(rest)
   procs = spawn(rest, num_processes=args.num_processes, port=args.port, cpu_devices=args.cpu_devices,
                 heartbeat_s=args.heartbeat_timeout)
+  signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs if p.poll() is None])
   try:
     return supervise(procs, grace_s=args.grace)
   except KeyboardInterrupt:

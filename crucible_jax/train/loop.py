@@ -14,12 +14,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from crucible_jax.common_types import MODALITIES
 from crucible_jax.data import pipeline as data_lib
 from crucible_jax.eval import plots
 from crucible_jax.eval.evaluators import build_evaluators
+from crucible_jax.parallel.distributed import any_process, fault_point
 from crucible_jax.train import curriculum, stages as stages_lib
 from crucible_jax.train.checkpoint import Checkpointer
-from crucible_jax.train.evaluate import evaluate_split
+from crucible_jax.train.evaluate import evaluate_split, global_host_view
 from crucible_jax.train.hooks import HookEntry, MetricSink, Progress, StepInfo, scalars_of
 from crucible_jax.train.programs import StagePrograms
 from crucible_jax.train.setup import Experiment
@@ -72,7 +74,7 @@ class Trainer:
     results = self.evaluate(params, splits=tuple(self.config.get("eval_splits", ("test",))))
     results.update(wall_s=time.perf_counter() - start_time, steps=self.total_steps)
     self._write_results(results)
-    if self.config.get("plots", True) and jax.process_index() == 0:
+    if self.config.get("plots", True):
       self._write_plots(params, results)
     return results
 
@@ -124,7 +126,7 @@ class Trainer:
         for hook in self.hooks:
           if (global_step + 1) % hook.every == 0:
             hook.fn(info)
-        if self._stop_requested:
+        if any_process(self._stop_requested):  # every process stops at this same step
           self._save(info, iterator)
           self.checkpointer.wait()
           raise Preempted(f"SIGTERM: checkpoint saved at global step {global_step + 1}; rerun to resume")
@@ -141,6 +143,7 @@ class Trainer:
     meta = {"stage": info.stage, "stage_index": plan.index, "stage_step": info.stage_step,
             "global_step": info.global_step}
     self.checkpointer.save(info.global_step, info.state, iterator, meta)
+    fault_point("save")
 
   def _checkpoint_hook(self, info: StepInfo) -> None:
     self._save(info, self._current_iterator)
@@ -176,6 +179,7 @@ class Trainer:
     results = {}
     with jax.set_mesh(self.mesh):
       for split in splits:
+        fault_point("eval")
         evaluators = build_evaluators(self.config.evals)
         for evaluator in evaluators.values():  # evaluators that need files or data (image_generation's recogniser)
           if hasattr(evaluator, "attach"):
@@ -193,21 +197,28 @@ class Trainer:
     print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in sorted(results.items())))
 
   def _write_plots(self, params: Any, results: dict[str, float]) -> None:
-    """Loss curves, retrieval examples on the first test batch, VQA accuracy per question type → plots/."""
+    """Loss curves, retrieval examples on the first test batch, VQA accuracy per question type → plots/.
+
+    Every process runs the embedding step (it is one sharded computation); process 0 draws.
+    """
+    pairs = [tuple(p) for p in self.config.evals.get("retrieval", {}).get("pairs", ())][:4]
+    splits = tuple(self.config.get("eval_splits", ("test",)))
+    if pairs and splits:
+      local = next(iter(data_lib.make_eval_batches(self.config.data, splits[0],
+                                                   batch_size=self.config.eval_batch_size)))
+      with jax.set_mesh(self.mesh):
+        device_batch = data_lib.to_global_batch(local, self.experiment.batch_sharding)
+        outputs, batch = global_host_view(self.experiment.eval_step(("embed",))(params, device_batch), device_batch,
+                                          MODALITIES)
+    if jax.process_index() != 0:
+      return
     out = self.workdir / "plots"
     out.mkdir(exist_ok=True)
     history = [json.loads(line) for line in (self.workdir / "metrics.jsonl").read_text().splitlines()]
     if history:
       plots.loss_curves(history, out / "loss_curves.png")
-    pairs = [tuple(p) for p in self.config.evals.get("retrieval", {}).get("pairs", ())][:4]
-    splits = tuple(self.config.get("eval_splits", ("test",)))
     if pairs and splits:
-      split = splits[0]
-      batch = next(iter(data_lib.make_eval_batches(self.config.data, split, batch_size=self.config.eval_batch_size)))
-      with jax.set_mesh(self.mesh):
-        outputs = self.experiment.eval_step(("embed",))(params, data_lib.to_global_batch(batch, self.experiment.batch_sharding))
-      embeddings = {m: np.asarray(v) for m, v in outputs["embeddings"].items()}
-      plots.retrieval_examples(batch, embeddings, pairs, out / "retrieval_examples.png")
+      plots.retrieval_examples(batch, outputs["embeddings"], pairs, out / "retrieval_examples.png")
     if "vqa" in self.config.evals:
       from crucible_jax.data.digit_world import QUESTION_TYPES
       plots.vqa_by_type(results, QUESTION_TYPES, out / "vqa_by_type.png")
