@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
   prepare.add_argument("dataset", choices=("digit_world",))
   prepare.add_argument("--data-dir", help="default: $CRUCIBLE_DATA_DIR, else ~/.cache/crucible_jax")
   prepare.add_argument("--config", help="experiment whose data config to prepare (default: digit_world defaults)")
+  for command in sub.choices.values():  # `crucible train --verbose` as well as `crucible --verbose train`
+    command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
   return parser
 
 

@@ -154,6 +154,7 @@ class Checkpointer:
         else:
           if rejected:
             self._set_aside(rejected, step)
+            self._last_saved = step  # the set-aside steps will be saved again
           return chosen
       rejected.append((step, problem))
     if rejected:
