@@ -105,7 +105,8 @@ def _report(error: Exception, args: argparse.Namespace) -> int:
   elif args.command == "train" and log.is_file():
     with open(log, "a", encoding="utf-8") as f:
       traceback.print_exception(error, file=f)
-    print(f"crucible: the traceback is in {log}", file=sys.stderr)
+    if not known:
+      print(f"crucible: the traceback is in {log}", file=sys.stderr)
   elif not known:
     print("crucible: rerun with --verbose for the traceback", file=sys.stderr)
   return 1
