@@ -3,14 +3,17 @@
 import argparse
 import importlib
 import json
+import logging
 import pathlib
 import sys
+import traceback
 
 BENCH_KINDS = ("step", "data", "routing", "comm", "scaling")
 
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="crucible", description=__doc__)
+  parser.add_argument("--verbose", action="store_true", help="tracebacks and library logs on stderr")
   sub = parser.add_subparsers(dest="command", required=True)
 
   def with_config(p: argparse.ArgumentParser) -> None:
@@ -22,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--coordinator", help="HOST:PORT of process 0 for a multi-process run")
   train.add_argument("--num-processes", type=int)
   train.add_argument("--process-id", type=int)
+  train.add_argument("--allow-config-change", default="", metavar="KEY,...",
+                     help="config keys (and their sub-keys) that may differ from the workdir's config.json")
 
   evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint in --workdir")
   with_config(evaluate)
@@ -40,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
   prepare.add_argument("dataset", choices=("digit_world",))
   prepare.add_argument("--data-dir", help="default: $CRUCIBLE_DATA_DIR, else ~/.cache/crucible_jax")
   prepare.add_argument("--config", help="experiment whose data config to prepare (default: digit_world defaults)")
+  for command in sub.choices.values():  # `crucible train --verbose` as well as `crucible --verbose train`
+    command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
   return parser
 
 
@@ -58,7 +65,51 @@ def main(argv: list[str] | None = None) -> int:
     print(f"crucible: config error: {e}", file=sys.stderr)
     return 2
   command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate}[args.command]
-  return command(args, config)
+  _route_library_logs(args.verbose)
+  try:
+    return command(args, config)
+  except ConfigError as e:  # e.g. a workdir trained with another config
+    print(f"crucible: config error: {e}", file=sys.stderr)
+    return 2
+  except Exception as e:  # the cause in one line; the traceback in the run's log file or under --verbose
+    return _report(e, args)
+
+
+ERRORS_OF_INPUT = ("CheckpointError", "InputFileError", "FileNotFoundError", "FloatingPointError", "ValueError")
+LOG_FILE = "crucible.log"  # in the workdir of a run that started: library logs and tracebacks
+
+
+def _route_library_logs(verbose: bool) -> None:
+  """Library logs (orbax and grain log through absl) stay off the terminal unless --verbose."""
+  absl_logger = logging.getLogger("absl")
+  for handler in absl_logger.handlers:  # a previous command's log file (several commands in one process)
+    handler.close()
+  absl_logger.handlers = [] if verbose else [logging.NullHandler()]
+  absl_logger.propagate = verbose
+
+
+def _log_to_workdir(workdir: pathlib.Path) -> None:
+  handler = logging.FileHandler(workdir / LOG_FILE)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  logging.getLogger("absl").addHandler(handler)
+
+
+def _report(error: Exception, args: argparse.Namespace) -> int:
+  """Print `crucible: error: <cause>` (one line) and put the traceback where --verbose or the log file shows it."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  known = type(error).__name__ in ERRORS_OF_INPUT
+  print(f"crucible: error: {text if known else f'{type(error).__name__}: {text}'}", file=sys.stderr)
+  log = pathlib.Path(getattr(args, "workdir", "") or ".") / LOG_FILE
+  if args.verbose:
+    traceback.print_exception(error)
+  elif args.command == "train" and log.is_file():
+    with open(log, "a", encoding="utf-8") as f:
+      traceback.print_exception(error, file=f)
+    if not known:
+      print(f"crucible: the traceback is in {log}", file=sys.stderr)
+  elif not known:
+    print("crucible: rerun with --verbose for the traceback", file=sys.stderr)
+  return 1
 
 
 def _train(args, config) -> int:
@@ -71,33 +122,31 @@ def _train(args, config) -> int:
   except ValueError as e:
     print(f"crucible: error: {e}", file=sys.stderr)
     return 2
+  import jax
   from crucible_jax.train.loop import Preempted, Trainer
-  trainer = Trainer(config, args.workdir)
+  allowed = tuple(k.strip() for k in args.allow_config_change.split(",") if k.strip())
+  trainer = Trainer(config, args.workdir, allow_config_change=allowed)  # refuses another run's workdir first
+  if not args.verbose and jax.process_index() == 0:
+    _log_to_workdir(trainer.workdir)
   try:
     trainer.run()
-  except FileNotFoundError as e:  # a benchmark's data directory (or a file in it) is missing
-    print(f"crucible: error: {e}", file=sys.stderr)
-    return 1
   except Preempted as e:
     print(f"crucible: {e}", file=sys.stderr)
     return 0
-  except FloatingPointError as e:
-    print(f"crucible: error: {e}", file=sys.stderr)
-    return 1
   finally:
     trainer.close()
   return 0
 
 
 def _eval(args, config) -> int:
+  from crucible_jax.data.verify import check_splits
   from crucible_jax.train.loop import Trainer
-  trainer = Trainer(config, args.workdir)
+  splits = tuple(args.split or config.get("eval_splits", ("test",)))
+  trainer = Trainer(config, args.workdir, read_only=True)  # creates nothing; no checkpoint: FileNotFoundError
   try:
+    check_splits(config.data, splits)
     params = trainer.restore_final_params()
-    results = trainer.evaluate(params, splits=tuple(args.split or config.get("eval_splits", ("test",))))
-  except FileNotFoundError as e:
-    print(f"crucible: error: {e}", file=sys.stderr)
-    return 1
+    results = trainer.evaluate(params, splits=splits)
   finally:
     trainer.close()
   print(json.dumps(results, indent=2, sort_keys=True))

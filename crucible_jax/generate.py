@@ -79,7 +79,17 @@ def _audio(path: str, data: Any) -> tuple[np.ndarray, int]:
 
 
 def build_input(args: argparse.Namespace, data: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """`batch` (zeros, one row) with the source modality filled from the input; ValueError on a bad input."""
+  """`batch` (zeros, one row) with the source modality filled from the input; ValueError naming a bad input."""
+  try:
+    return _fill(args, data, batch)
+  except ValueError:
+    raise
+  except Exception as e:  # each decoder (PIL, wave, numpy) raises its own kinds on a damaged file
+    kind = {IMAGE: "a PNG image", AUDIO: "a WAV file", VIDEO: "a .npy video", TEXT: "UTF-8 text"}[args.source]
+    raise ValueError(f"cannot read input file {args.input} as {kind}: {type(e).__name__}: {e}") from e
+
+
+def _fill(args: argparse.Namespace, data: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   from crucible_jax.data import tokenizer
   for m in MODALITIES:
     batch[present_key(m)][:] = m == args.source
@@ -119,15 +129,22 @@ def run(args: argparse.Namespace, config: Any) -> int:
   import flax.linen as nn
   import jax
   from crucible_jax.data import tokenizer
+  from crucible_jax.data.schema import example_batch
   from crucible_jax.models import converter as converter_lib
   from crucible_jax.parallel.mesh import build_mesh
   from crucible_jax.train.loop import Trainer
+  try:  # the input first: a bad file costs no restore
+    batch = build_input(args, config.data, example_batch(config.data, 1))
+  except ValueError as e:
+    return _error(str(e), 1)
   mesh = build_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])  # one input: one device
-  trainer = Trainer(config, args.workdir, mesh=mesh)
+  try:
+    trainer = Trainer(config, args.workdir, mesh=mesh, read_only=True)  # creates nothing in the workdir
+  except FileNotFoundError as e:
+    return _error(str(e), 1)
   try:
     params = trainer.restore_final_params()
-    batch = build_input(args, config.data, trainer.experiment.example_batch(1))
-  except (FileNotFoundError, ValueError) as e:
+  except FileNotFoundError as e:
     return _error(str(e), 1)
   finally:
     trainer.close()

@@ -100,7 +100,8 @@ def test_sigterm_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
 def test_restore_on_a_different_mesh(uninterrupted):
   workdir, straight, _ = uninterrupted
   config = load_experiment(f"{DIGIT_WORLD}:tiny", SHORT + ["--config.mesh.data=4"])
-  small = Trainer(config, workdir, mesh=build_mesh({"data": 4, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:4]))
+  small = Trainer(config, workdir, mesh=build_mesh({"data": 4, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:4]),
+                  read_only=True)  # another mesh reads the workdir; training on it would need --allow-config-change
   try:
     params = small.restore_final_params()
   finally:

@@ -16,6 +16,7 @@ import numpy as np
 
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.data import pipeline as data_lib
+from crucible_jax.data.verify import check_splits
 from crucible_jax.eval import plots
 from crucible_jax.eval.evaluators import build_evaluators
 from crucible_jax.parallel.distributed import any_process, fault_point
@@ -25,6 +26,7 @@ from crucible_jax.train.evaluate import evaluate_split, global_host_view
 from crucible_jax.train.hooks import HookEntry, MetricSink, Progress, StepInfo, scalars_of
 from crucible_jax.train.programs import StagePrograms
 from crucible_jax.train.setup import Experiment
+from crucible_jax.train.workdir import check_config, record_config
 
 
 class Preempted(Exception):
@@ -32,21 +34,28 @@ class Preempted(Exception):
 
 
 class Trainer:
-  """Runs the stages of a validated config on its mesh, writing everything under `workdir`."""
+  """Runs the stages of a validated config on its mesh, writing everything under `workdir`.
+
+  A workdir that holds a run of another config is refused before anything is written, unless every changed key
+  is covered by `allow_config_change`. `read_only` (eval, generate) creates nothing and needs a checkpoint.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, *, read_only: bool = False,
+               allow_config_change: tuple[str, ...] = ()):
     self.config = config
     self.workdir = pathlib.Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    self._config_changes = {} if read_only else check_config(self.workdir, config, tuple(allow_config_change))
     self.experiment = Experiment(config, mesh)
     self.mesh = self.experiment.mesh
     self.plans = self.experiment.plans
     self.total_steps = self.plans[-1].end
     self.hooks: list[HookEntry] = []
-    self.sink = MetricSink(self.workdir)
     self.checkpointer = Checkpointer(self.workdir, keep=config.checkpoint.keep,
-                                     async_save=config.checkpoint.get("async_save", True))
+                                     async_save=config.checkpoint.get("async_save", True), read_only=read_only)
+    if not read_only:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+    self.sink = None if read_only else MetricSink(self.workdir)
     self._stop_requested = False
     self._base_rng = jax.random.key(config.seed)
     self._progress = Progress(self.total_steps)
@@ -61,17 +70,24 @@ class Trainer:
   # --- running -------------------------------------------------------------------------------------
 
   def run(self) -> dict[str, float]:
-    """Train every stage (resuming from the workdir when it holds a checkpoint), evaluate, write results."""
+    """Train every stage (resuming from the workdir when it holds a checkpoint), evaluate, write results.
+
+    Before the first step: every split the run reads is verified and the checkpoint to resume from is chosen;
+    only then is `config.json` written.
+    """
     start_time = time.perf_counter()
+    splits = tuple(self.config.get("eval_splits", ("test",)))
+    check_splits(self.config.data, ("train", *splits))
+    resume = self.checkpointer.resume_point()
     if jax.process_index() == 0:  # the resolved config beside its results: a run can be read and re-run later
-      (self.workdir / "config.json").write_text(self.config.to_json_best_effort(indent=2, sort_keys=True))
+      record_config(self.workdir, self.config, self._config_changes)
     previous = signal.signal(signal.SIGTERM, self._request_stop)
     try:
-      params = self._train_all_stages()
+      params = self._train_all_stages(resume)
     finally:
       signal.signal(signal.SIGTERM, previous)
       self.checkpointer.wait()
-    results = self.evaluate(params, splits=tuple(self.config.get("eval_splits", ("test",))))
+    results = self.evaluate(params, splits=splits)
     results.update(wall_s=time.perf_counter() - start_time, steps=self.total_steps)
     self._write_results(results)
     if self.config.get("plots", True):
@@ -81,13 +97,12 @@ class Trainer:
   def _request_stop(self, signum, frame) -> None:
     self._stop_requested = True
 
-  def _train_all_stages(self) -> Any:
+  def _train_all_stages(self, resume: tuple[int, dict] | None) -> Any:
     iterator = data_lib.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
                                             seed=self.config.seed, sample_hook=curriculum.sample_hook(self.config),
                                             process_index=jax.process_index(), process_count=jax.process_count())
     self._current_iterator = iterator
-    latest = self.checkpointer.latest_step()
-    meta = self.checkpointer.restore_meta(latest) if latest is not None else None
+    latest, meta = resume if resume is not None else (None, None)
     first = meta["stage_index"] if meta else 0
     params = None
     programs = StagePrograms(self.experiment, self.plans[first:], self._base_rng)
@@ -126,6 +141,7 @@ class Trainer:
         for hook in self.hooks:
           if (global_step + 1) % hook.every == 0:
             hook.fn(info)
+        self.checkpointer.poll()  # a failed background save stops the run here, not one interval later
         if any_process(self._stop_requested):  # every process stops at this same step
           self._save(info, iterator)
           self.checkpointer.wait()
@@ -151,15 +167,16 @@ class Trainer:
   def _log_hook(self, info: StepInfo) -> None:
     scalars = scalars_of(info.metrics)
     scalars["skipped"] = float(info.state.skipped)
-    self.sink.write(info.global_step, info.stage, scalars)
+    if self.sink is not None:
+      self.sink.write(info.global_step, info.stage, scalars)
     self._progress(info, scalars)
 
   def restore_final_params(self) -> Any:
     """Params of the latest checkpoint in the workdir (for `crucible eval`)."""
-    latest = self.checkpointer.latest_step()
-    if latest is None:
+    resume = self.checkpointer.resume_point()
+    if resume is None:
       raise FileNotFoundError(f"no checkpoint in {self.checkpointer.directory}: train first")
-    meta = self.checkpointer.restore_meta(latest)
+    latest, meta = resume
     plan = self.plans[meta["stage_index"]]
     abstract, _, _ = self.experiment.state_layout(self.experiment.stage_parts(plan)[0], self.experiment.trained(plan))
     iterator = data_lib.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
@@ -224,5 +241,8 @@ class Trainer:
       plots.vqa_by_type(results, QUESTION_TYPES, out / "vqa_by_type.png")
 
   def close(self) -> None:
-    self.checkpointer.close()
-    self.sink.close()
+    try:
+      self.checkpointer.close()
+    finally:
+      if self.sink is not None:
+        self.sink.close()

@@ -44,7 +44,8 @@ class Experiment:
     if self.policy.needs_loss_scaling and config.compression.method != "none":
       raise ValueError(f"precision float16 needs loss scaling, which compression.method="
                        f"{config.compression.method!r} does not support; use bfloat16 or compression 'none'")
-    model_cfg = self.policy.apply_to_model_config(config.model)
+    # A copy: the caller's config stays what the user resolved (config.json compares it on resume).
+    model_cfg = self.policy.apply_to_model_config(config.model.copy_and_resolve_references())
     if "routing" in model_cfg:  # each data shard routes its own block of the batch (gathers stay on-device)
       model_cfg.routing.groups = mesh_lib.num_data_shards(self.mesh)
     self.model = build_model(model_cfg)

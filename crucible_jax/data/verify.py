@@ -1,0 +1,68 @@
+"""Check a run's input files before its first step, so a bad file costs seconds, not a training run."""
+
+import pathlib
+
+import ml_collections
+from array_record.python.array_record_module import ArrayRecordReader
+
+from crucible_jax.data.digit_world import builder
+
+FULL_READ_BYTES = 256 * 2**20  # files up to this size are read end to end (every chunk's hash checked); larger:
+# record count plus the first and last record (a truncated ArrayRecord file opens with 0 records)
+
+
+class InputFileError(ValueError):
+  """An input file that is missing, truncated or corrupt; the message names it."""
+
+
+def _check_array_record(path: pathlib.Path, expected_records: int | None) -> None:
+  try:
+    reader = ArrayRecordReader(str(path))
+  except Exception as e:  # the C++ reader raises RuntimeError/ValueError with Riegeli's reason
+    raise InputFileError(f"input file {path} is unreadable: {e}") from e
+  try:
+    count = reader.num_records()
+    if expected_records is not None and count != expected_records:
+      raise InputFileError(f"input file {path} holds {count} records, its dataset_info.json says "
+                           f"{expected_records}: truncated or replaced; rebuild the dataset (crucible prepare)")
+    if count:
+      if path.stat().st_size <= FULL_READ_BYTES:
+        for start in range(0, count, 1024):
+          reader.read(list(range(start, min(start + 1024, count))))
+      else:
+        reader.read([0, count - 1])
+  except InputFileError:
+    raise
+  except Exception as e:
+    raise InputFileError(f"input file {path} is corrupt: {str(e).splitlines()[0]}; rebuild the dataset "
+                         "(crucible prepare)") from e
+  finally:
+    try:
+      reader.close()
+    except Exception:  # pylint: disable=broad-except  # closing a corrupt file re-raises its read error
+      pass
+
+
+def _check_digit_world(data_cfg: ml_collections.ConfigDict, split: str) -> None:
+  if split not in builder.SPLITS:
+    raise ValueError(f"unknown DigitWorld split {split!r}; choose from {builder.SPLITS}")
+  digit_world = builder.prepare_digit_world(data_cfg)
+  info = digit_world.info.splits[split]
+  directory = pathlib.Path(digit_world.data_dir)
+  paths = sorted(directory.glob(f"{digit_world.name}-{split}.array_record-*"))
+  if len(paths) != len(info.shard_lengths):
+    raise InputFileError(f"split {split!r} in {directory} has {len(paths)} ArrayRecord files, its "
+                         f"dataset_info.json lists {len(info.shard_lengths)}")
+  for path, records in zip(paths, info.shard_lengths):
+    _check_array_record(path, records)
+
+
+def check_splits(data_cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
+  """Open every split's files and verify them (DigitWorld: ArrayRecord record counts and chunk hashes; other
+  benchmarks: their loader opens the split). InputFileError / FileNotFoundError name the file."""
+  for split in dict.fromkeys(splits):
+    if data_cfg.name == "digit_world":
+      _check_digit_world(data_cfg, split)
+    else:
+      from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
+      benchmarks.open_split(data_cfg, split)
