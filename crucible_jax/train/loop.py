@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from crucible_jax.data import pipeline as data_lib
+from crucible_jax.data.tokenizers import tokenizer_of
 from crucible_jax.eval import plots
 from crucible_jax.eval.evaluators import build_evaluators
 from crucible_jax.train import curriculum, stages as stages_lib
@@ -36,8 +37,8 @@ class Trainer:
                mesh: jax.sharding.Mesh | None = None):
     self.config = config
     self.workdir = pathlib.Path(workdir)
+    self.experiment = Experiment(config, mesh)  # config errors (mesh, param patterns) before the workdir exists
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.experiment = Experiment(config, mesh)
     self.mesh = self.experiment.mesh
     self.plans = self.experiment.plans
     self.total_steps = self.plans[-1].end
@@ -70,6 +71,7 @@ class Trainer:
       signal.signal(signal.SIGTERM, previous)
       self.checkpointer.wait()
     results = self.evaluate(params, splits=tuple(self.config.get("eval_splits", ("test",))))
+    results.update(data_lib.record_stats(self.config.data))  # bad records skipped, captions cut
     results.update(wall_s=time.perf_counter() - start_time, steps=self.total_steps)
     self._write_results(results)
     if self.config.get("plots", True) and jax.process_index() == 0:
@@ -207,7 +209,8 @@ class Trainer:
       with jax.set_mesh(self.mesh):
         outputs = self.experiment.eval_step(("embed",))(params, data_lib.to_global_batch(batch, self.experiment.batch_sharding))
       embeddings = {m: np.asarray(v) for m, v in outputs["embeddings"].items()}
-      plots.retrieval_examples(batch, embeddings, pairs, out / "retrieval_examples.png")
+      plots.retrieval_examples(batch, embeddings, pairs, out / "retrieval_examples.png",
+                               tokenizer=tokenizer_of(self.config.data))
     if "vqa" in self.config.evals:
       from crucible_jax.data.digit_world import QUESTION_TYPES
       plots.vqa_by_type(results, QUESTION_TYPES, out / "vqa_by_type.png")
