@@ -67,13 +67,15 @@ def load_experiment(spec: str, overrides: Iterable[str] = ()) -> ml_collections.
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict) -> None:
-  """Set `model.text.vocab_size` from `data.tokenizer` (ConfigError naming the field if it cannot load)."""
+  """Raise `model.text.vocab_size` to `data.tokenizer`'s vocabulary when smaller (a larger, e.g. padded, table is
+  kept); ConfigError naming the field if the tokenizer cannot load."""
   if "tokenizer" not in config.get("data", {}) or "text" not in config.get("model", {}):
     return
   try:
-    config.model.text.vocab_size = tokenizer_of(config.data).vocab_size
+    vocab_size = tokenizer_of(config.data).vocab_size
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(f"data.tokenizer: {e}") from e
+  config.model.text.vocab_size = max(int(config.model.text.vocab_size), vocab_size)
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:

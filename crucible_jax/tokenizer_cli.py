@@ -13,9 +13,12 @@ def add_parser(sub: Any) -> None:
   source = train.add_mutually_exclusive_group(required=True)
   source.add_argument("--manifest", help="a .jsonl/.csv manifest (experiments/own_data.py layout)")
   source.add_argument("--shards", help="WebDataset shards, a glob such as 'DIR/*.tar'")
-  train.add_argument("--vocab-size", type=int, required=True, help="pieces in the vocabulary, specials included")
+  train.add_argument("--vocab-size", type=int, required=True,
+                     help="most pieces in the vocabulary, specials included (fewer if the captions hold fewer)")
   train.add_argument("--out", required=True, help="where to write the .model file")
   train.add_argument("--model-type", default="unigram", choices=("unigram", "bpe"), help="SentencePiece algorithm")
+  train.add_argument("--byte-fallback", action="store_true",
+                     help="unseen characters become byte pieces (adds 256 pieces; --vocab-size must exceed 260)")
 
 
 def run(args: argparse.Namespace, config: Any) -> int:
@@ -30,7 +33,7 @@ def run(args: argparse.Namespace, config: Any) -> int:
   try:
     rows = [row for _, _, row in records.entries(data, held_out=False) if isinstance(row, records.Row)]
     tokenizer = spiece.train((t for row in rows for t in row.texts), args.vocab_size, args.out,
-                             model_type=args.model_type)
+                             model_type=args.model_type, byte_fallback=args.byte_fallback)
   except (ValueError, FileNotFoundError) as e:
     print(f"crucible: error: {e}", file=sys.stderr)
     return 2

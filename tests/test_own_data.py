@@ -267,5 +267,5 @@ def test_crucible_train_own_data_tiny_writes_retrieval_results(own_collection, t
   for pair in ("image_to_text", "text_to_image", "audio_to_text", "text_to_audio", "audio_to_image"):
     assert 0.0 <= results[f"test/{pair}/R@1"] <= results[f"test/{pair}/R@10"] <= 1.0
   assert results["data/train/skipped_records"] == 0 and results["steps"] == 20
-  # the spoken digit is the easiest cue in this collection: audio→text beats chance (1 in ~30 test records) by far
+  # the spoken digit is the easiest cue here: audio→text R@10 above its chance (10 of ~30 test records, 0.33)
   assert results["test/audio_to_text/R@10"] > 0.5

@@ -52,8 +52,10 @@ class SentencePieceTokenizer(Tokenizer):
     return self._sp.DecodeIds([t - self.offset for t in self._kept(ids) if self.offset <= t < self.vocab_size])
 
 
-def train(texts: Iterable[str], vocab_size: int, out: str, *, model_type: str = "unigram") -> SentencePieceTokenizer:
-  """Train a SentencePiece model of `vocab_size` pieces on `texts`, write it to `out`, and load it."""
+def train(texts: Iterable[str], vocab_size: int, out: str, *, model_type: str = "unigram",
+          byte_fallback: bool = False) -> SentencePieceTokenizer:
+  """Train a SentencePiece model of at most `vocab_size` pieces on `texts` (fewer when the texts hold fewer),
+  write it to `out`, and load it. `byte_fallback`: unseen characters become UTF-8 byte pieces (256 of them)."""
   import sentencepiece  # pylint: disable=g-import-not-at-top
 
   texts = [t for t in texts if t.strip()]
@@ -63,7 +65,7 @@ def train(texts: Iterable[str], vocab_size: int, out: str, *, model_type: str = 
   try:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size, model_type=model_type,
-        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, **TRAIN_IDS)
+        character_coverage=1.0, byte_fallback=byte_fallback, hard_vocab_limit=False, minloglevel=2, **TRAIN_IDS)
   except RuntimeError as error:  # e.g. too few captions for the vocabulary
     raise ValueError(f"SentencePiece training failed: {error}") from error
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
