@@ -143,10 +143,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {config.nan_policy!r}")
   if config.loss_kind not in LOSS_KINDS:
     raise ConfigError(f"loss_kind must be one of {LOSS_KINDS}, got {config.loss_kind!r}")
-  try:
-    registry.validate(config.data)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
   _validate_mesh(config)
   _validate_modalities(config)
   _validate_stages(config)
@@ -158,6 +154,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   tokenizer = config.data.get("tokenizer", {}).get("kind", "byte")
   if converter is not None and converter.get("enabled", False) and tokenizer != "byte":
     raise ConfigError(f"model.converter captions in byte tokens; data.tokenizer.kind={tokenizer!r} (use 'byte')")
+  try:
+    registry.validate(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:
