@@ -19,8 +19,10 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, path: str, max_len: int):
     super().__init__(max_len)
-    import tokenizers  # pylint: disable=g-import-not-at-top  (optional dependency, loaded where used)
-
+    try:
+      import tokenizers  # pylint: disable=g-import-not-at-top  (optional dependency, loaded where used)
+    except ImportError as error:
+      raise ImportError("Hugging Face tokenizers need `pip install crucible_jax[text]`") from error
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer.json not found: {path}")
     self.path = path
