@@ -5,7 +5,8 @@ Completion (`complete`) fills what a source lacks — absent modalities with zer
 with -1, `weight` with 1 — so every benchmark yields exactly the keys and shapes of `schema.example_batch(data_cfg)`,
 the same batch the compiled train step was built for. Eval batches cover every sample once, in order, and pad the
 last batch with weight-0 samples, like DigitWorld's. `pipeline.make_train_iterator`/`make_eval_batches` dispatch
-here for every `data.name` except "digit_world". Experiment files import `benchmark_data_config` only, so the loaders,
+here for the benchmarks' names (data/registry.py); `train_batches`/`eval_batches` serve any random-access source
+(own data too). Experiment files import `benchmark_data_config` only, so the loaders,
 PIL and grain load lazily, where data is read (`crucible bench step` runs without the data stack).
 """
 
@@ -246,7 +247,8 @@ def train_batches(
   # Shuffling record indices gives the same order as shuffling the source.
   dataset = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
   dataset = dataset.map_with_index(functools.partial(_train_element, source=source, seed=seed))
-  dataset = dataset[process_index::process_count].map(functools.partial(complete, blank=blank_sample(data_cfg), benchmark=data_cfg.name))
+  dataset = dataset[process_index::process_count].map(
+      functools.partial(complete, blank=blank_sample(data_cfg), benchmark=data_cfg.name))
   if sample_hook is not None:
     dataset = dataset.map_with_index(functools.partial(_at_step, hook=sample_hook, local_batch=local_batch))
   dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))

@@ -8,7 +8,7 @@ logs it and counts it (`record_stats`, which the trainer writes into results.jso
 
 import functools
 import json
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import ml_collections
 import numpy as np
