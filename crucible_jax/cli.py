@@ -132,7 +132,10 @@ def _train(args, config) -> int:
 
 def _eval(args, config) -> int:
   from crucible_jax.train.loop import Trainer
-  trainer = Trainer(config, args.workdir)
+  try:
+    trainer = Trainer(config, args.workdir)
+  except ValueError as e:  # as in _train
+    return _config_error(e)
   try:
     params = trainer.restore_final_params()
     results = trainer.evaluate(params, splits=tuple(args.split or config.get("eval_splits", ("test",))))
