@@ -27,8 +27,8 @@ from crucible_jax.models.converter import caption_text
 from crucible_jax.models.encoders import max_pool_2x2
 
 NO_DIGIT = 10
-_CAPTIONS = byte.ByteTokenizer(1)  # the converter captions in byte tokens (converter.caption_tokens)
 CLASSES = 11  # digits 0-9 and NO_DIGIT
+_CAPTIONS = byte.ByteTokenizer(1)  # the converter captions in byte tokens (converter.caption_tokens)
 
 
 def digit_targets(digits: np.ndarray, num_digits: np.ndarray) -> np.ndarray:
