@@ -48,7 +48,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   audio.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
 
   cfg.text = text = ml_collections.ConfigDict()
-  text.vocab_size = byte.VOCAB_SIZE  # token ids, 0 = padding; set from data.tokenizer when a config loads
+  text.vocab_size = byte.VOCAB_SIZE  # token ids, 0 = padding; raised to data.tokenizer's when a config loads
   text.max_len = 48  # longest caption or question, tokens
   text.width, text.depth, text.heads, text.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   text.pos_std = 0.02  # init std of the learned positional embedding (token embeddings start at std 0.02 too)
