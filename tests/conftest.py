@@ -20,7 +20,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 # The slowest modules first: with `--dist loadscope --no-loadscope-reorder` each worker starts on one at once, rather
 # than one worker picking up test_train.py (~10 CPU minutes) last while the other sits idle.
-SLOWEST_MODULES = ("test_train.py", "test_notebook.py", "test_distributed.py", "test_cli.py", "test_precision_train.py")
+SLOWEST_MODULES = ("test_train.py", "test_notebook.py", "test_distributed.py", "test_cli.py", "test_precision_train.py",
+                   "test_own_data.py")
 
 
 def pytest_collection_modifyitems(items):
