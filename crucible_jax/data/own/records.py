@@ -104,7 +104,7 @@ def row_of(entry: Any, file: str, where: str) -> Row:
   if not isinstance(entry, dict):
     raise BadRecord(file, where, "malformed", f"expected an object, got {type(entry).__name__}")
   entry = {k: v for k, v in entry.items() if v not in (None, "")}
-  unknown = sorted(set(entry) - {IMAGE, AUDIO, VIDEO, TEXT, "labels", "id"})
+  unknown = sorted(set(entry) - {IMAGE, AUDIO, VIDEO, TEXT, "labels"})
   if unknown:
     raise BadRecord(file, where, "malformed", f"unknown keys {unknown}; known: image, audio, video, text, labels")
   root = os.path.dirname(os.path.abspath(file))
