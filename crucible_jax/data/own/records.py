@@ -1,8 +1,8 @@
 """Records of your own collection: rows of a JSONL/CSV manifest or keys of WebDataset tar shards (no media decoded).
 
 Manifest row: any subset of `image` (a file), `audio` (a file), `video` (a folder of frames) and `text` (a caption
-or, in JSONL, a list of captions), plus optional `labels`; paths are relative to the manifest's folder. CSV: a header
-naming those columns, one caption per row, empty cells = absent.
+or, in JSONL, a list of captions), plus optional `labels` (accepted, not trained on yet); paths are relative to the
+manifest's folder. CSV: a header naming those columns, one caption per row, empty cells = absent.
 Shards: tar members grouped by key (the name up to the basename's first dot): `.jpg/.jpeg/.png/.webp` image,
 `.wav/.flac/.mp3` audio, `.video.<n>.<image ext>` frames, `.txt` captions (one per line), `.json` with `text`.
 
