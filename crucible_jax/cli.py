@@ -1,4 +1,4 @@
-"""`crucible train | eval | bench | prepare | generate`: the command line over experiment files."""
+"""`crucible train | eval | config | bench | prepare | generate | tokenizer`: the command line over experiment files."""
 
 import argparse
 import importlib
@@ -8,7 +8,18 @@ import pathlib
 import sys
 import traceback
 
+from crucible_jax import config_cli, tokenizer_cli
+
 BENCH_KINDS = ("step", "data", "routing", "comm", "scaling")
+CONFIG_HELP = """\
+--config FILE.py[:ARG]   an experiment file's get_config(ARG); ARG picks variants, e.g.
+                         experiments/digit_world.py:tiny or experiments/own_data.py:tiny
+--config.KEY=VALUE       override any existing field, dotted for nested ones; the value is parsed
+--config.KEY VALUE       to the field's type (int, float, bool, str, tuple such as '(32, 32)').
+                         e.g. --config.batch_size=64 --config.data.manifest=my/data.jsonl
+                              --config.stages.align.steps 500
+`crucible config --config FILE.py[:ARG] [--config.KEY=VALUE ...]` prints the resolved config.
+A bad config stops with one line, `crucible: config error: ...` (exit 2), before anything is written."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,9 +28,10 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
 
   def with_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]")
+    p.add_argument("--config", required=True, help="experiments/NAME.py[:ARG]; --config.KEY=VALUE overrides fields")
 
-  train = sub.add_parser("train", help="train all stages of an experiment (resumes from --workdir)")
+  train = sub.add_parser("train", help="train all stages of an experiment (resumes from --workdir)",
+                         epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
   with_config(train)
   train.add_argument("--workdir", required=True)
   train.add_argument("--coordinator", help="HOST:PORT of process 0 for a multi-process run")
@@ -28,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument("--allow-config-change", default="", metavar="KEY,...",
                      help="config keys (and their sub-keys) that may differ from the workdir's config.json")
 
-  evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint in --workdir")
+  evaluate = sub.add_parser("eval", help="evaluate the latest checkpoint in --workdir", epilog=CONFIG_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
   with_config(evaluate)
   evaluate.add_argument("--workdir", required=True)
   evaluate.add_argument("--split", action="append", help="split(s) to evaluate (default: config.eval_splits)")
@@ -40,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
   from crucible_jax.generate import add_parser as add_generate_parser  # numpy only: keeps --help instant
   add_generate_parser(sub)
+  config_cli.add_parser(sub, CONFIG_HELP)
+  tokenizer_cli.add_parser(sub)
 
   prepare = sub.add_parser("prepare", help="build a dataset into the data directory")
   prepare.add_argument("dataset", choices=("digit_world",))
@@ -53,8 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   """Entry point of the `crucible` console script; returns the exit status."""
   args, rest = _parser().parse_known_args(argv)
-  overrides = [a for a in rest if a.startswith("--config.")]
-  unknown = [a for a in rest if not a.startswith("--config.")]
+  overrides, unknown = config_overrides(rest)
   if unknown:
     print(f"crucible: error: unrecognised arguments: {' '.join(unknown)}", file=sys.stderr)
     return 2
@@ -62,15 +76,14 @@ def main(argv: list[str] | None = None) -> int:
   try:
     config = load_experiment(args.config, overrides) if getattr(args, "config", None) else None
   except ConfigError as e:
-    print(f"crucible: config error: {e}", file=sys.stderr)
-    return 2
-  command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate}[args.command]
+    return _config_error(e)
+  command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate,
+             "config": config_cli.run, "tokenizer": tokenizer_cli.run}[args.command]
   _route_library_logs(args.verbose)
   try:
     return command(args, config)
   except ConfigError as e:  # e.g. a workdir trained with another config
-    print(f"crucible: config error: {e}", file=sys.stderr)
-    return 2
+    return _config_error(e)
   except Exception as e:  # the cause in one line; the traceback in the run's log file or under --verbose
     return _report(e, args)
 
@@ -112,6 +125,30 @@ def _report(error: Exception, args: argparse.Namespace) -> int:
   return 1
 
 
+def config_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
+  """(`KEY=VALUE` overrides, unrecognised arguments) of the arguments argparse left: `--config.KEY=VALUE` or
+  `--config.KEY VALUE`."""
+  overrides, unknown = [], []
+  items = iter(rest)
+  for item in items:
+    if not item.startswith("--config."):
+      unknown.append(item)
+    elif "=" in item:
+      overrides.append(item)
+    else:
+      value = next(items, None)
+      if value is None:
+        unknown.append(f"{item} (no value)")
+      else:
+        overrides.append(f"{item}={value}")
+  return overrides, unknown
+
+
+def _config_error(error: Exception) -> int:
+  print(f"crucible: config error: {error}", file=sys.stderr)
+  return 2
+
+
 def _train(args, config) -> int:
   from crucible_jax.parallel.distributed import apply_xla_flags, initialize_distributed, overlap_xla_flags
   xla = config.get("xla", None)
@@ -125,7 +162,10 @@ def _train(args, config) -> int:
   import jax
   from crucible_jax.train.loop import Preempted, Trainer
   allowed = tuple(k.strip() for k in args.allow_config_change.split(",") if k.strip())
-  trainer = Trainer(config, args.workdir, allow_config_change=allowed)  # refuses another run's workdir first
+  try:  # another run's workdir (ConfigError), the mesh, param patterns, precision: refused before anything is written
+    trainer = Trainer(config, args.workdir, allow_config_change=allowed)
+  except ValueError as e:
+    return _config_error(e)
   if not args.verbose and jax.process_index() == 0:
     _log_to_workdir(trainer.workdir)
   try:
@@ -142,7 +182,10 @@ def _eval(args, config) -> int:
   from crucible_jax.data.verify import check_splits
   from crucible_jax.train.loop import Trainer
   splits = tuple(args.split or config.get("eval_splits", ("test",)))
-  trainer = Trainer(config, args.workdir, read_only=True)  # creates nothing; no checkpoint: FileNotFoundError
+  try:  # creates nothing; no checkpoint: FileNotFoundError
+    trainer = Trainer(config, args.workdir, read_only=True)
+  except ValueError as e:  # as in _train
+    return _config_error(e)
   try:
     check_splits(config.data, splits)
     params = trainer.restore_final_params()

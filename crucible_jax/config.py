@@ -1,8 +1,10 @@
 """Experiment files → validated `ml_collections.ConfigDict`.
 
 An experiment is a Python file with `get_config(arg: str | None) -> ConfigDict` (big_vision convention);
-`path.py:arg` selects a variant and `a.b=value` overrides any existing field. Validation runs before anything
-compiles and names the offending key.
+`path.py:arg` selects a variant and `a.b=value` overrides any existing field. An experiment may also define
+`resolve(config)`, run after the overrides, for fields that follow from them (e.g. the modalities own data has).
+`model.text.vocab_size` follows `data.tokenizer`. Validation runs before anything compiles and names the
+offending key.
 """
 
 import ast
@@ -15,6 +17,8 @@ from typing import Any, Iterable
 import ml_collections
 
 from crucible_jax.common_types import MODALITIES
+from crucible_jax.data import registry
+from crucible_jax.data.tokenizers import tokenizer_of
 
 STAGE_NAMES = ("unimodal", "align", "joint")
 NAN_POLICIES = ("skip", "abort")
@@ -51,9 +55,27 @@ def load_experiment(spec: str, overrides: Iterable[str] = ()) -> ml_collections.
     raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict, got {type(config)}")
   for item in overrides:
     apply_override(config, item)
+  if hasattr(module, "resolve"):
+    try:
+      module.resolve(config)
+    except ValueError as e:  # e.g. own data that cannot be read
+      raise ConfigError(f"{path}: {e}") from e
+  resolve_tokenizer(config)
   validate(config)
   config.lock()
   return config
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """Raise `model.text.vocab_size` to `data.tokenizer`'s vocabulary when smaller (a larger, e.g. padded, table is
+  kept); ConfigError naming the field if the tokenizer cannot load."""
+  if "tokenizer" not in config.get("data", {}) or "text" not in config.get("model", {}):
+    return
+  try:
+    vocab_size = tokenizer_of(config.data).vocab_size
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"data.tokenizer: {e}") from e
+  config.model.text.vocab_size = max(int(config.model.text.vocab_size), vocab_size)
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
@@ -129,6 +151,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       and config.data.get("name") != "digit_world"):
     raise ConfigError(f"model.converter.image_target='reference' draws DigitWorld's digit strings; data.name is "
                       f"{config.data.get('name')!r} (use 'sample')")
+  tokenizer = config.data.get("tokenizer", {}).get("kind", "byte")
+  if converter is not None and converter.get("enabled", False) and tokenizer != "byte":
+    raise ConfigError(f"model.converter captions in byte tokens; data.tokenizer.kind={tokenizer!r} (use 'byte')")
+  try:
+    registry.validate(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:

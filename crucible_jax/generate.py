@@ -90,12 +90,12 @@ def build_input(args: argparse.Namespace, data: Any, batch: dict[str, np.ndarray
 
 
 def _fill(args: argparse.Namespace, data: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  from crucible_jax.data import tokenizer
+  from crucible_jax.data.tokenizers import tokenizer_of
   for m in MODALITIES:
     batch[present_key(m)][:] = m == args.source
   if args.source == TEXT:
     text = args.text if args.text is not None else pathlib.Path(args.input).read_text(encoding="utf-8").strip()
-    batch[TEXT][0] = tokenizer.encode(text, int(data.text_len))
+    batch[TEXT][0] = tokenizer_of(data).encode(text)
   elif args.source == IMAGE:
     batch[IMAGE][0] = _image(args.input, tuple(data.image_size))
   elif args.source == AUDIO:
@@ -128,8 +128,8 @@ def run(args: argparse.Namespace, config: Any) -> int:
                   f"{'caption' if args.target == 'text' else 'image'}_sources are {tuple(sources)}")
   import flax.linen as nn
   import jax
-  from crucible_jax.data import tokenizer
   from crucible_jax.data.schema import example_batch
+  from crucible_jax.data.tokenizers import byte
   from crucible_jax.models import converter as converter_lib
   from crucible_jax.parallel.mesh import build_mesh
   from crucible_jax.train.loop import Trainer
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, config: Any) -> int:
   with jax.set_mesh(mesh):
     result = np.asarray(jax.jit(convert)(params, batch))
   if args.target == "text":
-    print(tokenizer.decode(result[0]))
+    print(byte.ByteTokenizer(1).decode(result[0]))  # the converter captions in byte tokens
     return 0
   import matplotlib
   matplotlib.use("Agg")

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.modalities = ("text", "audio")
   c.model.audio.update(sample_rate=16000, seconds=35.0, n_fft=400, hop=160, n_mels=80,  # 25 ms / 10 ms frames
                        patch_frames=4, width=768, depth=12, heads=12, mlp=3072)  # 875 tokens of 40 ms
-  c.model.text.update(vocab_size=259, max_len=600, width=768, depth=12, heads=12, mlp=3072)
+  c.model.text.update(max_len=600, width=768, depth=12, heads=12, mlp=3072)
   c.model.joint_dim = 512  # shared embedding size
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # device mesh sizes; -1 fills the remaining devices
   c.sharding = dict(layout="dp")  # logical axis rules: dp | fsdp | fsdp_tp

@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.modalities = ("text", "video")
   c.model.video.update(frames=8, size=(224, 224), channels=3, tubelet=(2, 16, 16), width=768, depth=12, heads=12,
                        mlp=3072)  # 4×14×14 = 784 tokens
-  c.model.text.update(vocab_size=259, max_len=96, width=768, depth=12, heads=12, mlp=3072)
+  c.model.text.update(max_len=96, width=768, depth=12, heads=12, mlp=3072)
   c.model.joint_dim = 512  # shared embedding size
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # device mesh sizes; -1 fills the remaining devices
   c.sharding = dict(layout="dp")  # logical axis rules: dp | fsdp | fsdp_tp

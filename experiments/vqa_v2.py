@@ -40,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = default_model_config()
   c.model.modalities = ("image", "text")
   c.model.image.update(size=(224, 224), channels=3, patch=(16, 16), width=768, depth=12, heads=12, mlp=3072)
-  c.model.text.update(vocab_size=259, max_len=64, width=768, depth=12, heads=12, mlp=3072)
+  c.model.text.update(max_len=64, width=768, depth=12, heads=12, mlp=3072)
   c.model.fusion.update(cross_attention=True, cross_depth=2, question_len=64)  # question↔image cross-attention
   c.model.heads.num_answers = 3129  # = data.answer_vocab_size
   c.model.joint_dim = 512  # shared embedding size

@@ -14,7 +14,7 @@ from PIL import Image
 from crucible_jax import cli
 from crucible_jax.config import load_experiment
 from crucible_jax.data import benchmarks, pipeline, schema
-from crucible_jax.data.tokenizer import decode
+from crucible_jax.data.tokenizers.byte import ByteTokenizer
 from crucible_jax.eval.evaluators import TaggingEvaluator, VqaEvaluator
 from crucible_jax.models import build_model
 from crucible_jax.parallel.mesh import build_mesh
@@ -163,7 +163,7 @@ def test_train_shards_cover_an_epoch_once_and_resume_exactly(roots):
   for process in range(2):  # 12 pairs, 2 processes × 4 per batch: the first 6 of each process are one epoch
     iterator = pipeline.make_train_iterator(data, global_batch=8, seed=3, process_index=process, process_count=2)
     batches = [next(iterator), next(iterator)]
-    seen += [(int(i), decode(t)) for b in batches for i, t in zip(b["string_id"], b["text"])][:6]
+    seen += [(int(i), ByteTokenizer(1).decode(t)) for b in batches for i, t in zip(b["string_id"], b["text"])][:6]
   assert len(set(seen)) == 12 and {i for i, _ in seen} == set(range(100, 106))
   iterator = pipeline.make_train_iterator(data, global_batch=8, seed=3, process_index=0, process_count=1)
   next(iterator)
@@ -186,7 +186,7 @@ def test_coco_eval_lists_each_image_once_and_each_caption_once(roots):
   assert (batch["text"][images] == 0).all() and (batch["image"][captions] == 0).all()
   assert list(batch["string_id"][images]) == [100, 101, 102, 103]
   assert sorted(batch["string_id"][captions]) == [100, 100, 101, 101, 102, 102, 103, 103]
-  assert decode(batch["text"][4]) == "a number 0"
+  assert ByteTokenizer(1).decode(batch["text"][4]) == "a number 0"
 
 
 def test_vqa_answers_and_audioset_labels(roots):

@@ -21,12 +21,15 @@ def _variants(path: pathlib.Path) -> list[str]:
             ":routed", ":generate", ":tiny,generate"]
   if path.stem == "clip_bench":
     return ["", ":vit_b16"]
+  if path.stem == "own_data":
+    return ["", ":tiny"]
   return [""] if "VARIANTS" not in module_text else [""]
 
 
 @pytest.mark.parametrize("spec", [f"{p}{v}" for p in EXPERIMENTS for v in _variants(p)])
-def test_experiment_parses_validates_and_builds(spec):
-  config = load_experiment(spec)
+def test_experiment_parses_validates_and_builds(spec, request):
+  own = ["--config.data.manifest=" + request.getfixturevalue("own_collection")["manifest"]] if "own_data" in spec else []
+  config = load_experiment(spec, own)
   build_model(Policy.from_config(config.get("precision", {})).apply_to_model_config(config.model))  # as Experiment
   assert config.is_locked
   assert all(config.stages[name].steps >= 0 for name in config.stage_order)

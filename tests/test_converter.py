@@ -10,7 +10,7 @@ import pytest
 
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.config import load_experiment
-from crucible_jax.data import tokenizer
+from crucible_jax.data.tokenizers import byte
 from crucible_jax.eval.generation import CaptionEvaluator, ImageGenerationEvaluator
 from crucible_jax.models import ALL_HEADS, build_model, default_model_config, example_batch
 from crucible_jax.models import converter, decoding
@@ -29,9 +29,9 @@ def test_caption_tokens_spell_the_digits():
   inputs, targets, mask = converter.caption_tokens(jnp.asarray(DIGITS), jnp.asarray(NUM_DIGITS), MAX_LEN)
   for row, digits in enumerate(DIGITS):
     text = converter.caption_text(digits)
-    assert tokenizer.decode(np.asarray(targets[row])) == text
+    assert byte.ByteTokenizer(1).decode(np.asarray(targets[row])) == text
     assert int(mask[row].sum()) == len(text) + 1  # + EOS
-    assert int(inputs[row, 0]) == tokenizer.BOS
+    assert int(inputs[row, 0]) == byte.BOS
     np.testing.assert_array_equal(inputs[row, 1:], targets[row, :-1])
   assert converter.caption_text(DIGITS[2]) == "seven three eight eight"  # the longest caption fits max_len
 
@@ -39,12 +39,12 @@ def test_caption_tokens_spell_the_digits():
 @pytest.fixture(scope="module")
 def text_decoder():
   """A tiny TextDecoder, its params and a random 'source' memory for 3 samples."""
-  decoder = converter.TextDecoder(tokenizer.VOCAB_SIZE, MAX_LEN, width=32, depth=2, num_heads=2, mlp_dim=64,
+  decoder = converter.TextDecoder(byte.VOCAB_SIZE, MAX_LEN, width=32, depth=2, num_heads=2, mlp_dim=64,
                                   sources=("image",))
   keys = jax.random.split(jax.random.key(0), 3)
   memory = (jax.random.normal(keys[0], (3, 5, 16)), jnp.array([[1, 1, 1, 0, 0], [1] * 5, [1, 0, 0, 0, 0]], bool),
             jax.random.normal(keys[1], (3, 8)))
-  tokens = jnp.full((3, MAX_LEN), tokenizer.BOS, jnp.int32)
+  tokens = jnp.full((3, MAX_LEN), byte.BOS, jnp.int32)
   params = jax.jit(lambda r: decoder.init(r, tokens, *memory, source="image"))(keys[2])["params"]
   # A random decoder is nearly uniform; sharpen the output layer so greedy, beam and cache differences show.
   params = jax.tree_util.tree_map_with_path(
@@ -76,7 +76,7 @@ def test_kv_cache_decoding_equals_decoding_without_cache(text_decoder):
   np.testing.assert_array_equal(cached, uncached)
   assert len(np.unique(np.asarray(cached))) > 3  # a real sequence, not one repeated token
   # Step-by-step cached logits equal the full causal forward's at every position.
-  inputs = jnp.concatenate([jnp.full((3, 1), tokenizer.BOS, jnp.int32), cached[:, :-1]], axis=1)
+  inputs = jnp.concatenate([jnp.full((3, 1), byte.BOS, jnp.int32), cached[:, :-1]], axis=1)
   per_step, jitted_step = [], jax.jit(step)
   for t in range(MAX_LEN):
     logits, cache = jitted_step(inputs[:, t], cache, jnp.asarray(t))
@@ -93,14 +93,14 @@ def test_beam_size_one_equals_greedy_and_beam_scores_are_true_log_probs(text_dec
   step4, cache4 = make_step(4)
   beam4, score4 = jax.jit(lambda c: decoding.beam_search(step4, c, 3, 4, MAX_LEN))(cache4)
   # Teacher-force the returned sequences: their log-probability (up to EOS) must be the beam's reported score.
-  inputs = jnp.concatenate([jnp.full((3, 1), tokenizer.BOS, jnp.int32), beam4[:, :-1]], axis=1)
+  inputs = jnp.concatenate([jnp.full((3, 1), byte.BOS, jnp.int32), beam4[:, :-1]], axis=1)
   logp = jax.nn.log_softmax(full(inputs), axis=-1)
   token_logp = jnp.take_along_axis(logp, beam4[..., None], axis=-1)[..., 0]
-  ended = jnp.cumsum(beam4 == tokenizer.EOS, axis=1) - (beam4 == tokenizer.EOS)  # positions after the EOS
+  ended = jnp.cumsum(beam4 == byte.EOS, axis=1) - (beam4 == byte.EOS)  # positions after the EOS
   np.testing.assert_allclose(jnp.sum(jnp.where(ended == 0, token_logp, 0.0), axis=1), score4, rtol=1e-4, atol=1e-3)
   greedy_logp = jnp.take_along_axis(jax.nn.log_softmax(full(jnp.concatenate(
-      [jnp.full((3, 1), tokenizer.BOS, jnp.int32), greedy[:, :-1]], axis=1)), axis=-1), greedy[..., None], -1)[..., 0]
-  greedy_ended = jnp.cumsum(greedy == tokenizer.EOS, axis=1) - (greedy == tokenizer.EOS)
+      [jnp.full((3, 1), byte.BOS, jnp.int32), greedy[:, :-1]], axis=1)), axis=-1), greedy[..., None], -1)[..., 0]
+  greedy_ended = jnp.cumsum(greedy == byte.EOS, axis=1) - (greedy == byte.EOS)
   assert np.all(score4 >= jnp.sum(jnp.where(greedy_ended == 0, greedy_logp, 0.0), axis=1) - 1e-3)
 
 
@@ -138,7 +138,7 @@ def test_image_decoder_draws_finite_images_from_every_modality(tiny_model):
     assert np.all(np.isfinite(image)) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
   for m in cfg.converter.caption_sources:
     assert eval_out["caption_shapes"][m].shape == (3, MAX_LEN) and eval_out["caption_shapes"][m].dtype == jnp.int32
-    assert train_out["caption_logits"][m].shape == (3, MAX_LEN, tokenizer.VOCAB_SIZE)
+    assert train_out["caption_logits"][m].shape == (3, MAX_LEN, byte.VOCAB_SIZE)
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "fsdp_tp"])
@@ -163,7 +163,7 @@ def test_converter_objective_terms(tiny_model):
   loss, metrics = jax.jit(objective)(train_out, batch)
   assert np.isfinite(loss) and metrics["loss/caption/image"] > 1.0  # untrained: far from the targets
   _, targets, _ = converter.caption_tokens(batch["digits"], batch["num_digits"], MAX_LEN)
-  perfect = dict(train_out, caption_logits={"image": 50.0 * jax.nn.one_hot(targets, tokenizer.VOCAB_SIZE)},
+  perfect = dict(train_out, caption_logits={"image": 50.0 * jax.nn.one_hot(targets, byte.VOCAB_SIZE)},
                  images={"text": batch["image"]})
   _, metrics = jax.jit(objectives.build_objective({"caption/image": 1.0, "imagine/text": 1.0})[1])(perfect, batch)
   assert metrics["loss/caption/image"] < 1e-3 and metrics["acc/caption/image"] == 1.0
@@ -213,7 +213,7 @@ def test_imagine_term_targets_the_reference_hand_when_given_glyphs(tiny_model):
 def test_generation_entry_points_and_disabled_converter(tiny_model):
   cfg, model, params, batch, _, eval_out = tiny_model
   ids = jax.jit(lambda p, b: model.apply({"params": p}, b, "image", method=converter.generate_caption))(params, batch)
-  assert ids.shape == (3, MAX_LEN) and np.all((np.asarray(ids) >= 0) & (np.asarray(ids) < tokenizer.VOCAB_SIZE))
+  assert ids.shape == (3, MAX_LEN) and np.all((np.asarray(ids) >= 0) & (np.asarray(ids) < byte.VOCAB_SIZE))
   images = jax.jit(lambda p, b: model.apply({"params": p}, b, "audio", method=converter.generate_image))(params, batch)
   np.testing.assert_allclose(images, eval_out["images"]["audio"], rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="cannot caption 'text'"):
@@ -228,9 +228,9 @@ def test_generation_entry_points_and_disabled_converter(tiny_model):
 
 def test_caption_evaluator_accuracy_and_wer():
   evaluator = CaptionEvaluator(sources=("image",))
-  ids = np.stack([tokenizer.encode("three seven one", MAX_LEN, add_eos=True),
-                  tokenizer.encode("zero zero", MAX_LEN, add_eos=True),
-                  tokenizer.encode("seven three eight eight", MAX_LEN, add_eos=True)])
+  ids = np.stack([byte.ByteTokenizer(MAX_LEN).encode("three seven one", add_eos=True),
+                  byte.ByteTokenizer(MAX_LEN).encode("zero zero", add_eos=True),
+                  byte.ByteTokenizer(MAX_LEN).encode("seven three eight eight", add_eos=True)])
   evaluator.update({"caption_ids": {"image": ids}}, {"digits": DIGITS, "num_digits": NUM_DIGITS,
                                                       "weight": np.ones(3, np.float32)})
   result = evaluator.result()

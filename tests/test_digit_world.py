@@ -9,7 +9,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from crucible_jax.data import audio as audio_lib
-from crucible_jax.data import pipeline, tokenizer
+from crucible_jax.data import pipeline
+from crucible_jax.data.tokenizers import byte
 from crucible_jax.data.digit_world import builder, draw, render, templates
 from crucible_jax.data.schema import BATCH_SCHEMA
 from crucible_jax.common_types import MODALITIES
@@ -130,7 +131,7 @@ def test_captions_and_transcripts_name_the_digits(records, val_samples):
   languages = set()
   for recipe, sample in zip(records["val"], val_samples):
     digits = recipe["digits"][: recipe["num_digits"]].tolist()
-    text = tokenizer.decode(sample["text"])
+    text = byte.ByteTokenizer(1).decode(sample["text"])
     assert templates.parse_digits(text) == digits, text
     languages.add("zh" if re.search("[\u4e00-\u9fff]", text) else "en")
     assert sample["digits"][: sample["num_digits"]].tolist() == digits
@@ -156,7 +157,7 @@ def test_question_answers_are_correct(records, val_samples):
   types = set()
   for recipe, sample in zip(records["val"], val_samples):
     digits = recipe["digits"][: recipe["num_digits"]].tolist()
-    question = tokenizer.decode(sample["question"])
+    question = byte.ByteTokenizer(1).decode(sample["question"])
     assert templates.ANSWERS[sample["answer"]] == _expected_answer(question, digits), question
     types.add(templates.QUESTION_TYPES[sample["question_type"]])
   assert types == set(templates.QUESTION_TYPES)
@@ -171,7 +172,7 @@ def test_extra_questions_are_answered_correctly_reproducibly_and_leave_the_sampl
     assert "extra_questions" not in plain and all(np.array_equal(sample[k], plain[k]) for k in plain)
     digits = recipe["digits"][: recipe["num_digits"]].tolist()
     for tokens, answer in zip(sample["extra_questions"], sample["extra_answers"]):
-      question = tokenizer.decode(tokens)
+      question = byte.ByteTokenizer(1).decode(tokens)
       assert templates.ANSWERS[answer] == _expected_answer(question, digits), question
       questions.add(question)
     again = render.render_sample(recipe, asking, split_seed=5, epoch=0)
@@ -247,7 +248,7 @@ def test_corrupted_variant_flags_and_corrupts(cfg, records, val_samples):
       assert np.array_equal(sample[m], clean[m]) != flags[m], m  # corrupted ⇔ changed
     if flags["text"]:
       other = recipe["distractor_digits"][recipe["distractor_digits"] >= 0].tolist()
-      assert templates.parse_digits(tokenizer.decode(sample["text"])) == other
+      assert templates.parse_digits(byte.ByteTokenizer(1).decode(sample["text"])) == other
     assert all(sample[f"{m}_present"] for m in MODALITIES)
   for m in MODALITIES:
     assert 5 <= counts[m] <= 35, counts  # about 35% of 60

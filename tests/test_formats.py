@@ -13,7 +13,7 @@ from PIL import Image
 
 from crucible_jax.data import formats
 from crucible_jax.data.schema import check_batch
-from crucible_jax.data.tokenizer import decode
+from crucible_jax.data.tokenizers.byte import ByteTokenizer
 
 RGB = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3  # distinct exact pixel values
 
@@ -59,7 +59,7 @@ def make_coco(root, annotations=None):
 def test_coco_per_caption_decodes_captions_pixels_and_ids(tmp_path):
   src = formats.CocoCaptions(make_coco(tmp_path), image_size=(4, 6), text_len=16)
   assert len(src) == 3
-  assert [decode(src[i]["text"]) for i in range(3)] == ["a dog", "a cat", "一只猫"]
+  assert [ByteTokenizer(1).decode(src[i]["text"]) for i in range(3)] == ["a dog", "a cat", "一只猫"]
   assert [int(src[i]["string_id"]) for i in range(3)] == [3, 9, 9]
   np.testing.assert_array_equal(src[1]["image"], RGB.astype(np.float32) / 255.0)
   assert src[1]["image_present"] and src[1]["text_present"] and not src[1]["audio_present"]
@@ -67,14 +67,14 @@ def test_coco_per_caption_decodes_captions_pixels_and_ids(tmp_path):
   check_batch(batch, required=("image", "text", "string_id"))
   assert batch["image"].shape == (3, 4, 6, 3) and src.stats["read"] >= 3
   clone = pickle.loads(pickle.dumps(src))  # grain worker processes receive pickled sources
-  assert decode(clone[0]["text"]) == "a dog"
+  assert ByteTokenizer(1).decode(clone[0]["text"]) == "a dog"
 
 
 def test_coco_per_image_grayscale_resized_and_all_captions(tmp_path):
   src = formats.CocoCaptions(make_coco(tmp_path), per="image", caption_index=1, image_size=3, channels=1)
   assert len(src) == 2
-  assert src.captions(1) == ["a cat", "一只猫"] and decode(src[1]["text"]) == "一只猫"
-  assert decode(src[0]["text"]) == "a dog"  # one caption: index wraps
+  assert src.captions(1) == ["a cat", "一只猫"] and ByteTokenizer(1).decode(src[1]["text"]) == "一只猫"
+  assert ByteTokenizer(1).decode(src[0]["text"]) == "a dog"  # one caption: index wraps
   gray = src[0]["image"]  # JPEG of solid (200, 100, 50): luma 124
   assert gray.shape == (3, 3, 1)
   np.testing.assert_allclose(gray, 124 / 255, atol=3 / 255)
@@ -82,7 +82,7 @@ def test_coco_per_image_grayscale_resized_and_all_captions(tmp_path):
 
 def test_coco_truncates_long_captions_and_counts_them(tmp_path):
   src = formats.CocoCaptions(make_coco(tmp_path), image_size=4, text_len=5)
-  assert decode(src[2]["text"]) == "一"  # cut at a character boundary (3 bytes of 9)
+  assert ByteTokenizer(1).decode(src[2]["text"]) == "一"  # cut at a character boundary (3 bytes of 9)
   assert src.stats["truncated"]["text"] == 1
 
 
@@ -107,7 +107,7 @@ def test_coco_corrupt_image_raises_at_read_or_yields_next_good(tmp_path):
   with pytest.raises(formats.BadRecord, match=r"b\.jpg: record 'image id 3': corrupt_image"):
     strict[0]
   src = formats.CocoCaptions(root, image_size=4, skip_bad_records=True)
-  assert decode(src[0]["text"]) == "a cat" and int(src[0]["string_id"]) == 9
+  assert ByteTokenizer(1).decode(src[0]["text"]) == "a cat" and int(src[0]["string_id"]) == 9
   assert src.stats["skipped"] == {"corrupt_image": 1}
 
 
@@ -142,7 +142,7 @@ def test_vqa_vocab_from_training_answers_and_samples(tmp_path):
   assert src.answer_vocab == ["yes", "2", "red"]
   assert [int(src[i]["answer"]) for i in range(3)] == [0, 1, 2]
   assert [int(src[i]["question_type"]) for i in range(3)] == [0, 1, 2]
-  assert decode(src[1]["question"]) == "How many?" and int(src[1]["string_id"]) == 5001
+  assert ByteTokenizer(1).decode(src[1]["question"]) == "How many?" and int(src[1]["string_id"]) == 5001
   assert src.answers(0) == ["Yes"] * 7 + ["maybe"] * 3
   assert src.answers_for_question(7000)[0] == "red"
   check_batch(first_batch(src, 3), required=("image", "question", "answer", "question_type"))
@@ -242,7 +242,7 @@ def test_librispeech_audio_transcripts_and_speakers(tmp_path):
   root, waves = make_librispeech(tmp_path)
   src = formats.LibriSpeech(root, audio_seconds=0.5, text_len=32)
   assert [src.utterance_id(i) for i in range(3)] == ["19-198-0000", "19-198-0001", "26-495-0000"]
-  assert src.transcript(1) == "THIS LITTLE WORK" and decode(src[1]["text"]) == "THIS LITTLE WORK"
+  assert src.transcript(1) == "THIS LITTLE WORK" and ByteTokenizer(1).decode(src[1]["text"]) == "THIS LITTLE WORK"
   sample = src[2]
   assert int(sample["audio_len"]) == 5600 and int(sample["speaker"]) == 1
   np.testing.assert_array_equal(sample["audio"][:5600], waves["26-495-0000"].astype(np.float32))
@@ -259,7 +259,7 @@ def test_librispeech_missing_subset_and_bad_utterances(tmp_path):
     formats.LibriSpeech(root)
   corrupt(tmp_path / "test-clean" / "26" / "495" / "26-495-0000.flac")
   src = formats.LibriSpeech(root, skip_bad_records=True)
-  assert len(src) == 2 and decode(src[1]["text"]) == "NORTHANGER ABBEY"  # record 1 corrupt: wraps to 0
+  assert len(src) == 2 and ByteTokenizer(1).decode(src[1]["text"]) == "NORTHANGER ABBEY"  # record 1 corrupt: wraps to 0
   assert src.stats["skipped"] == {"missing_audio": 1, "corrupt_audio": 1}
 
 
@@ -282,7 +282,7 @@ def make_msrvtt(root):
 def test_video_text_msrvtt_samples_frames_uniformly(tmp_path):
   src = formats.VideoText(make_msrvtt(tmp_path), split="test", video_frames=4, frame_size=4)
   assert src.video_ids == ["video0", "video1"] and len(src) == 3
-  assert [decode(src[i]["text"]) for i in range(3)] == ["a man cooks", "someone is cooking", "cars race"]
+  assert [ByteTokenizer(1).decode(src[i]["text"]) for i in range(3)] == ["a man cooks", "someone is cooking", "cars race"]
   assert [int(src[i]["string_id"]) for i in range(3)] == [0, 0, 1]
   np.testing.assert_allclose(src[0]["video"][:, 0, 0, 0] * 255, [20, 60, 120, 160], atol=1e-4)  # frames 1,3,6,8
   np.testing.assert_allclose(src[2]["video"][:, 0, 0, 0] * 255, [100, 100, 101, 101], atol=1e-4)
@@ -295,7 +295,7 @@ def test_video_text_missing_frames_and_video_files(tmp_path):
     formats.VideoText(root)
   per_video = formats.VideoText(root, per="video", caption_index=1, skip_bad_records=True)
   assert len(per_video) == 2 and per_video.captions(0) == ["a man cooks", "someone is cooking"]
-  assert decode(per_video[0]["text"]) == "someone is cooking"
+  assert ByteTokenizer(1).decode(per_video[0]["text"]) == "someone is cooking"
   assert per_video.stats["skipped"] == {"missing_frames": 1}
   os.makedirs(tmp_path / "videos")
   (tmp_path / "videos" / "video9.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
@@ -312,7 +312,7 @@ def test_video_text_youcook2_style(tmp_path):
     write_image(tmp_path / "frames" / clip / "1.jpg", np.full((4, 4, 3), 128, np.uint8))
   src = formats.VideoText(str(tmp_path), "youcookii_annotations_val.json", split="validation", video_frames=3,
                           frame_size=(4, 2), channels=1)
-  assert src.video_ids == ["yt1_0", "yt1_1"] and decode(src[1]["text"]) == "fry"
+  assert src.video_ids == ["yt1_0", "yt1_1"] and ByteTokenizer(1).decode(src[1]["text"]) == "fry"
   assert src[0]["video"].shape == (3, 4, 2, 1)
 
 

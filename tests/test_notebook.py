@@ -85,3 +85,11 @@ def test_shows_the_results_table(executed):
   assert "| test | image → text |" in table
   assert f"| test | vqa | accuracy | {results['test/vqa/accuracy']:.3f} |" in table
   assert f"| test | asr | wer | {results['test/asr/wer']:.3f} |" in table
+
+
+def test_trains_on_your_own_folder(executed):
+  nb, workdir = executed
+  out = _text(_tagged(nb, "own_data"))
+  results = json.loads((workdir / "own_run" / "results.json").read_text())
+  assert "modalities found: ('image', 'text')" in out and results["steps"] == 5
+  assert f"test/image_to_text/R@1: {results['test/image_to_text/R@1']:.3f}" in out

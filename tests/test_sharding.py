@@ -19,7 +19,7 @@ SMALL = ["--config.batch_size=16", "--config.data.image_size=(16, 16)", "--confi
 for _tower in ("image", "text"):
   SMALL += [f"--config.model.{_tower}.width=32", f"--config.model.{_tower}.heads=2", f"--config.model.{_tower}.mlp=64",
             f"--config.model.{_tower}.depth=1"]
-SMALL += ["--config.model.joint_dim=32", "--config.model.text.vocab_size=64"]
+SMALL += ["--config.model.joint_dim=32"]  # the text vocabulary is the byte tokenizer's (data.tokenizer)
 
 
 def _experiment(layout: str, axes: dict[str, int]) -> Experiment:

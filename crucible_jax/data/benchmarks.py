@@ -5,7 +5,8 @@ Completion (`complete`) fills what a source lacks — absent modalities with zer
 with -1, `weight` with 1 — so every benchmark yields exactly the keys and shapes of `schema.example_batch(data_cfg)`,
 the same batch the compiled train step was built for. Eval batches cover every sample once, in order, and pad the
 last batch with weight-0 samples, like DigitWorld's. `pipeline.make_train_iterator`/`make_eval_batches` dispatch
-here for every `data.name` except "digit_world". Experiment files import `benchmark_data_config` only, so the loaders,
+here for the benchmarks' names (data/registry.py); `train_batches`/`eval_batches` serve any random-access source
+(own data too). Experiment files import `benchmark_data_config` only, so the loaders,
 PIL and grain load lazily, where data is read (`crucible bench step` runs without the data stack).
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from crucible_jax.common_types import MODALITIES, TEXT, present_key
 from crucible_jax.data import schema
+from crucible_jax.data.tokenizers import default_tokenizer_config, tokenizer_of
 
 BENCHMARKS_ENV = "CRUCIBLE_BENCHMARKS_DIR"  # parent of every benchmark's root: $CRUCIBLE_BENCHMARKS_DIR/<name>
 OUT_OF_VOCAB = -2  # `answers` entry of a human answer outside the VQA answer vocabulary (-1 is padding)
@@ -39,17 +41,20 @@ class Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {
     "coco": Benchmark("coco", lambda d: dict(
-        image_size=tuple(d.image_size), channels=d.channels, text_len=d.text_len), pairs=True),
+        image_size=tuple(d.image_size), channels=d.channels, text_len=d.text_len, tokenizer=tokenizer_of(d)),
+        pairs=True),
     "vqa_v2": Benchmark("vqa", lambda d: dict(
         image_size=tuple(d.image_size), channels=d.channels, question_len=d.question_len,
+        tokenizer=tokenizer_of(d, "question_len"),
         top_k=d.get("answer_vocab_size", 3129))),
     "audioset": Benchmark("audioset", lambda d: dict(
         sample_rate=d.sample_rate, audio_seconds=d.audio_seconds, with_labels=True)),
     "msrvtt": Benchmark("video_text", lambda d: dict(
-        video_frames=d.video_frames, frame_size=tuple(d.video_size), channels=d.channels, text_len=d.text_len),
+        video_frames=d.video_frames, frame_size=tuple(d.video_size), channels=d.channels, text_len=d.text_len,
+        tokenizer=tokenizer_of(d)),
         pairs=True),
     "librispeech": Benchmark("librispeech", lambda d: dict(
-        sample_rate=d.sample_rate, audio_seconds=d.audio_seconds, text_len=d.text_len)),
+        sample_rate=d.sample_rate, audio_seconds=d.audio_seconds, text_len=d.text_len, tokenizer=tokenizer_of(d))),
 }
 
 
@@ -70,6 +75,7 @@ def benchmark_data_config(name: str) -> ml_collections.ConfigDict:
   c.splits = ml_collections.ConfigDict()  # split name -> loader arguments, e.g. test=dict(split="val2017")
   c.retrieval_view = False  # eval lists each image/video once and each caption once (COCO 5k / MSR-VTT protocol)
   c.skip_bad_records = False  # drop (and count) bad records instead of raising on the first one
+  c.tokenizer = default_tokenizer_config()  # captions / transcripts / questions: byte | sentencepiece | hf
   c.image_size = (1, 1)  # image (height, width), pixels
   c.channels = 3  # colour channels of images and video frames
   c.video_frames = 1  # frames per clip
@@ -175,7 +181,7 @@ class RetrievalView:
       sample[present_key(TEXT)] = np.array(False)
       return sample
     record = index - len(self.items)
-    text, _ = common.fit_text(self.source.caption(record), self.source.text_len)
+    text, _ = common.fit_text(self.source.caption(record), self.source.text_len, self.source.tokenizer)
     return {TEXT: text, "string_id": np.array(self.source.records[record][0], np.int32), **common.flags(TEXT)}
 
 
@@ -216,14 +222,33 @@ def make_train_iterator(
 
   `sample_hook(step, sample) -> sample` as in `pipeline.make_train_iterator` (pure and picklable).
   """
+  return train_batches(open_split(data_cfg, "train"), data_cfg, global_batch=global_batch, seed=seed,
+                       process_index=process_index, process_count=process_count, sample_hook=sample_hook)
+
+
+def _train_element(position: int, record: int, *, source: Any, seed: int) -> dict[str, np.ndarray]:
+  """Record `record` at `position` of the repeated stream; a source with `train_sample` augments it with an rng
+  of (seed, position) alone, so the iterator state resumes the augmentation exactly."""
+  augment = getattr(source, "train_sample", None)
+  return source[record] if augment is None else augment(record, np.random.default_rng([seed, position]))
+
+
+def train_batches(
+    source: Any, data_cfg: ml_collections.ConfigDict, *, global_batch: int, seed: int,
+    process_index: int | None = None, process_count: int | None = None,
+    sample_hook: Callable[[int, dict], dict] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Endless iterator of this process's batches of a random-access `source`, completed to the data config's batch."""
   import grain  # pylint: disable=g-import-not-at-top
   from crucible_jax.data.pipeline import (  # pylint: disable=g-import-not-at-top
       _at_step, _local_batch, _maybe_mp_prefetch, _process_layout, _read_options)
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(global_batch, process_count)
-  source = open_split(data_cfg, "train")
-  dataset = grain.MapDataset.source(source).shuffle(seed=seed).repeat()[process_index::process_count]
-  dataset = dataset.map(functools.partial(complete, blank=blank_sample(data_cfg), benchmark=data_cfg.name))
+  # Shuffling record indices gives the same order as shuffling the source.
+  dataset = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+  dataset = dataset.map_with_index(functools.partial(_train_element, source=source, seed=seed))
+  dataset = dataset[process_index::process_count].map(
+      functools.partial(complete, blank=blank_sample(data_cfg), benchmark=data_cfg.name))
   if sample_hook is not None:
     dataset = dataset.map_with_index(functools.partial(_at_step, hook=sample_hook, local_batch=local_batch))
   dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
@@ -250,12 +275,20 @@ def make_eval_batches(
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every sample of `split` once, in order, in global batches of `batch_size` (this process gets its slice)."""
+  return eval_batches(open_split(data_cfg, split, view=True), data_cfg, batch_size=batch_size,
+                      process_index=process_index, process_count=process_count)
+
+
+def eval_batches(
+    source: Any, data_cfg: ml_collections.ConfigDict, *, batch_size: int, process_index: int | None = None,
+    process_count: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+  """Every sample of a random-access `source` once, in order, in global batches padded with weight-0 samples."""
   import grain  # pylint: disable=g-import-not-at-top
   from crucible_jax.data.pipeline import (  # pylint: disable=g-import-not-at-top
       _local_batch, _maybe_mp_prefetch, _process_layout, _read_options)
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(batch_size, process_count)
-  source = open_split(data_cfg, split, view=True)
   num_batches = math.ceil(len(source) / batch_size)
   dataset = grain.MapDataset.range(num_batches * local_batch).map(functools.partial(
       _eval_element, source=source, blank=blank_sample(data_cfg), benchmark=data_cfg.name,

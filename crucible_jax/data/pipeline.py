@@ -18,7 +18,10 @@ import numpy as np
 from ml_collections import config_dict
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
-from crucible_jax.data.digit_world import builder, draw, render
+from crucible_jax.data import registry
+from crucible_jax.data.digit_world import builder, render
+from crucible_jax.data.digit_world.validation import validate_data_config
+from crucible_jax.data.tokenizers import default_tokenizer_config
 
 _DATA_OF = {IMAGE: ("image",), VIDEO: ("video",), AUDIO: ("audio", "audio_len"), TEXT: ("text",)}
 
@@ -26,7 +29,7 @@ _DATA_OF = {IMAGE: ("image",), VIDEO: ("video",), AUDIO: ("audio", "audio_len"),
 def default_data_config() -> ml_collections.ConfigDict:
   """DigitWorld's data config; experiments import it and override fields."""
   cfg = ml_collections.ConfigDict()
-  cfg.name = "digit_world"  # dataset name; other names are real benchmarks (data/benchmarks.py)
+  cfg.name = "digit_world"  # dataset name; others: the real benchmarks and "own" (data/registry.py)
   cfg.data_dir = config_dict.placeholder(str)  # dataset root; None → $CRUCIBLE_DATA_DIR or ~/.cache/crucible_jax
   cfg.train_size = 20000  # samples in the train split
   cfg.val_size = 2000  # samples in the val split
@@ -42,8 +45,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.video_size = (16, 16)  # video frame (height, width) in pixels
   cfg.sample_rate = 8000  # audio samples per second (Hz)
   cfg.audio_seconds = 4.0  # audio length in seconds; the waveform is zero-padded to this
-  cfg.text_len = 48  # caption length in byte tokens
-  cfg.question_len = 32  # question length in byte tokens
+  cfg.text_len = 48  # caption length, tokens
+  cfg.question_len = 32  # question length, tokens
+  cfg.tokenizer = default_tokenizer_config()  # captions and questions: byte | sentencepiece | hf
   cfg.extra_questions = 0  # more random VQA questions per sample (keys extra_questions/extra_answers); 0 = none
   cfg.heldout_speaker = "fr_CA_f_June"  # voice kept out of train/val/test, used only by test_heldout_speaker
   cfg.num_workers = 0  # grain worker processes rendering samples (0 = in the main process)
@@ -52,29 +56,6 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.drop_modalities = ml_collections.ConfigDict(  # train only: probability of hiding each modality
       {m: 0.0 for m in MODALITIES})
   return cfg
-
-
-def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
-  """Raise ValueError naming the field when `data_cfg` cannot produce batches (checked before any worker starts)."""
-  if data_cfg.variant not in render.VARIANTS:
-    raise ValueError(f"data.variant={data_cfg.variant!r}; choose from {render.VARIANTS}")
-  if not 0.0 <= data_cfg.corrupt_prob <= 1.0:
-    raise ValueError(f"data.corrupt_prob={data_cfg.corrupt_prob} is not a probability")
-  snr = data_cfg.get("speech_snr_db")
-  if snr is not None and (len(snr) != 2 or not all(isinstance(x, (int, float)) for x in snr) or snr[0] > snr[1]):
-    raise ValueError(f"data.speech_snr_db={snr!r} must be (low, high) decibels with low <= high, or None")
-  extra = data_cfg.get("extra_questions", 0)
-  if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
-    raise ValueError(f"data.extra_questions={extra!r} must be a count >= 0")
-  if extra and data_cfg.name != "digit_world":
-    raise ValueError(f"data.extra_questions={extra}: only DigitWorld draws extra questions (data.name={data_cfg.name!r})")
-  unknown = set(data_cfg.drop_modalities) - set(MODALITIES)
-  if unknown:
-    raise ValueError(f"data.drop_modalities names unknown modalities {sorted(unknown)}; known: {MODALITIES}")
-  needed = draw.worst_case_speech_seconds(int(data_cfg.sample_rate), int(data_cfg.max_digits))
-  if needed > data_cfg.audio_seconds:
-    raise ValueError(f"data.audio_seconds={data_cfg.audio_seconds} is shorter than the {needed:.2f} s that "
-                     f"{data_cfg.max_digits} slow spoken digits can take")
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -260,12 +241,12 @@ def make_train_iterator(
 
   `sample_hook(step, sample) -> sample` (e.g. a curriculum's weights) must be a pure, picklable function of its
   arguments: then the iterator state alone resumes it exactly.
-  A `data_cfg.name` other than "digit_world" reads that benchmark's local files (data/benchmarks.py).
+  A `data_cfg.name` other than "digit_world" is read by its registered module (data/registry.py).
   """
   if data_cfg.name != "digit_world":
-    from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top  (it imports this module)
-    return benchmarks.make_train_iterator(data_cfg, global_batch=global_batch, seed=seed, process_index=process_index,
-                                          process_count=process_count, sample_hook=sample_hook)
+    return registry.pipeline_of(data_cfg.name).make_train_iterator(
+        data_cfg, global_batch=global_batch, seed=seed, process_index=process_index, process_count=process_count,
+        sample_hook=sample_hook)
   validate_data_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(global_batch, process_count)
@@ -283,8 +264,7 @@ def make_train_iterator(
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   """Real samples in `split`: what eval metrics divide by (padding has weight 0)."""
   if data_cfg.name != "digit_world":
-    from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
-    return benchmarks.num_examples(data_cfg, split)
+    return registry.pipeline_of(data_cfg.name).num_examples(data_cfg, split)
   return len(RecipeSource(data_cfg, split))
 
 
@@ -307,12 +287,11 @@ def make_eval_batches(
   The last batch is filled with padding samples: zeros, weight 0, every `<m>_present` False, digits -1. Metrics
   ignore them by masking with `weight > 0`; `num_examples(data_cfg, split)` is the count of real samples.
   Rendering uses (data_cfg.seed, epoch 0): the same augmentations on every call.
-  A `data_cfg.name` other than "digit_world" reads that benchmark's local files (data/benchmarks.py).
+  A `data_cfg.name` other than "digit_world" is read by its registered module (data/registry.py).
   """
   if data_cfg.name != "digit_world":
-    from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
-    return benchmarks.make_eval_batches(data_cfg, split, batch_size=batch_size, process_index=process_index,
-                                        process_count=process_count)
+    return registry.pipeline_of(data_cfg.name).make_eval_batches(
+        data_cfg, split, batch_size=batch_size, process_index=process_index, process_count=process_count)
   validate_data_config(data_cfg)
   process_index, process_count = _process_layout(process_index, process_count)
   local_batch = _local_batch(batch_size, process_count)
@@ -323,6 +302,14 @@ def make_eval_batches(
       local_batch=local_batch, process_index=process_index))
   dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
   return iter(_maybe_mp_prefetch(dataset, data_cfg))
+
+
+def record_stats(data_cfg: ml_collections.ConfigDict) -> dict[str, float]:
+  """Bad-record and truncation counts of the data read so far, for results.json (empty where a source keeps none)."""
+  if data_cfg.name == "digit_world":
+    return {}
+  stats = getattr(registry.pipeline_of(data_cfg.name), "record_stats", None)
+  return {} if stats is None else stats(data_cfg)
 
 
 def to_global_batch(

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from crucible_jax.common_types import IMAGE, MODALITIES, TEXT, present_key
-from crucible_jax.data import tokenizer
+from crucible_jax.data.tokenizers import Tokenizer, byte, tokenizer_of
 from crucible_jax.eval import metrics
 from crucible_jax.eval.rows import present_rows, real_rows
 from crucible_jax.models.converter import caption_text
@@ -28,6 +28,7 @@ from crucible_jax.models.encoders import max_pool_2x2
 
 NO_DIGIT = 10
 CLASSES = 11  # digits 0-9 and NO_DIGIT
+_CAPTIONS = byte.ByteTokenizer(1)  # the converter captions in byte tokens (converter.caption_tokens)
 
 
 def digit_targets(digits: np.ndarray, num_digits: np.ndarray) -> np.ndarray:
@@ -62,7 +63,7 @@ class CaptionEvaluator:
       ids = np.asarray(outputs["caption_ids"][m])
       for row in np.flatnonzero(real & present_rows(outputs, batch, m)):
         self._refs[m].append(caption_text(digits[row]))
-        self._hyps[m].append(tokenizer.decode(ids[row]))
+        self._hyps[m].append(_CAPTIONS.decode(ids[row]))
 
   def result(self):
     out = {}
@@ -167,10 +168,12 @@ class ImageGenerationEvaluator:
     self.recognizer, self._plot_path, self._max_digits = None, None, None
     self._correct = {m: [] for m in (*self.sources, "real")}
     self._grid: list[dict[str, Any]] = []
+    self._tokenizer: Tokenizer | None = None
 
   def attach(self, *, workdir: pathlib.Path, data: ml_collections.ConfigDict, split: str) -> None:
     """Load (or train once) the recogniser for this workdir; the grid goes to workdir/plots/."""
     self._max_digits = int(data.max_digits)
+    self._tokenizer = tokenizer_of(data)
     self.recognizer = load_or_train_recognizer(pathlib.Path(workdir), data, steps=self.recognizer_steps,
                                                examples=self.recognizer_examples)
     self._plot_path = pathlib.Path(workdir) / "plots" / f"generated_images_{split}.png"
@@ -185,7 +188,7 @@ class ImageGenerationEvaluator:
       exact = np.all(recognize(self.recognizer, images, self._max_digits) == targets, axis=1)
       self._correct[m].append(exact[keep])
     for row in np.flatnonzero(real):
-      prompt = tokenizer.decode(np.asarray(batch["text"][row]))
+      prompt = self._tokenizer.decode(np.asarray(batch["text"][row]))
       if len(self._grid) < self.grid_rows and prompt.isascii():  # matplotlib's font has no CJK glyphs
         digits = "".join(str(d) for d in batch["digits"][row] if d >= 0)
         self._grid.append(dict(prompt=prompt, digits=digits, real=np.asarray(batch[IMAGE][row]),

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from crucible_jax.data import tokenizer  # noqa: E402
+from crucible_jax.data.tokenizers import Tokenizer  # noqa: E402
 
 
 def loss_curves(history: Sequence[Mapping[str, float]], path: pathlib.Path) -> None:
@@ -28,7 +28,7 @@ def loss_curves(history: Sequence[Mapping[str, float]], path: pathlib.Path) -> N
   plt.close(fig)
 
 
-def _show(ax, batch: Mapping[str, np.ndarray], modality: str, i: int) -> None:
+def _show(ax, batch: Mapping[str, np.ndarray], modality: str, i: int, tokenizer: Tokenizer) -> None:
   """Draw sample `i` of `modality` on `ax`: pixels, a frame strip, a waveform, or the caption text."""
   ax.set_xticks([])
   ax.set_yticks([])
@@ -49,16 +49,17 @@ def _show(ax, batch: Mapping[str, np.ndarray], modality: str, i: int) -> None:
 
 
 def retrieval_examples(batch: Mapping[str, np.ndarray], embeddings: Mapping[str, np.ndarray],
-                       pairs: Sequence[tuple[str, str]], path: pathlib.Path, *, queries: int = 3, k: int = 5) -> None:
+                       pairs: Sequence[tuple[str, str]], path: pathlib.Path, *, tokenizer: Tokenizer, queries: int = 3,
+                       k: int = 5) -> None:
   """For each (query, candidate) modality pair: queries and their top-k candidates; green = same string."""
   rows = [(q, c, i) for q, c in pairs for i in range(queries)]
   fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.9 * (k + 1), 1.1 * len(rows)), squeeze=False)
   for row, (query_m, cand_m, i) in enumerate(rows):
     scores = embeddings[cand_m] @ embeddings[query_m][i]
-    _show(axes[row, 0], batch, query_m, i)
+    _show(axes[row, 0], batch, query_m, i, tokenizer)
     axes[row, 0].set_ylabel(f"{query_m}→{cand_m}", fontsize=7)
     for col, j in enumerate(np.argsort(-scores)[:k], start=1):
-      _show(axes[row, col], batch, cand_m, j)
+      _show(axes[row, col], batch, cand_m, j, tokenizer)
       hit = batch["string_id"][j] == batch["string_id"][i]
       for spine in axes[row, col].spines.values():
         spine.set_color("green" if hit else "red")

@@ -19,7 +19,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from crucible_jax.common_types import EMBED, JOINT, LENGTH, MLP, MODALITIES, VOCAB
-from crucible_jax.data import tokenizer
+from crucible_jax.data.tokenizers import byte
 from crucible_jax.models import decoding
 from crucible_jax.models.layers import (
     Dtype, HeadMerge, HeadProjection, Mlp, MultiHeadAttention, TOKENS, default_kernel_init, dense, layer_norm, logical,
@@ -104,7 +104,7 @@ def caption_text(digits: np.ndarray | list[int]) -> str:
 
 def _word_table() -> tuple[np.ndarray, np.ndarray]:
   """(tokens [10, WORD_SLOT] of "word " padded with PAD, token counts [10])."""
-  rows = [tokenizer.encode(w + " ", WORD_SLOT) for w in DIGIT_WORDS]
+  rows = [byte.ByteTokenizer(WORD_SLOT).encode(w + " ") for w in DIGIT_WORDS]
   return np.stack(rows), np.array([len(w) + 1 for w in DIGIT_WORDS], np.int32)
 
 
@@ -124,8 +124,8 @@ def caption_tokens(digits: Int[Array, "b d"], num_digits: Int[Array, "b"], max_l
   targets = jnp.zeros((batch, max_len), jnp.int32).at[rows, positions].set(chars, mode="drop")
   total = jnp.sum(word_len, axis=1)  # the last token is the trailing space: it becomes EOS
   last = jnp.where(total > 0, total - 1, max_len)
-  targets = targets.at[jnp.arange(batch), last].set(tokenizer.EOS, mode="drop")
-  inputs = jnp.concatenate([jnp.full((batch, 1), tokenizer.BOS, jnp.int32), targets[:, :-1]], axis=1)
+  targets = targets.at[jnp.arange(batch), last].set(byte.EOS, mode="drop")
+  inputs = jnp.concatenate([jnp.full((batch, 1), byte.BOS, jnp.int32), targets[:, :-1]], axis=1)
   return inputs, targets, jnp.arange(max_len)[None, :] < total[:, None]
 
 
@@ -252,7 +252,7 @@ class ImageDecoder(nn.Module):
 def make_decoders(spec: ConverterSpec, dtype: Dtype, param_dtype: Dtype) -> tuple[TextDecoder, ImageDecoder]:
   """The two decoders of a spec, built in CrucibleModel.setup; captions are byte-tokenizer ids."""
   kw = dict(dtype=dtype, param_dtype=param_dtype)
-  text = TextDecoder(tokenizer.VOCAB_SIZE, spec.max_len, spec.width, spec.depth, spec.heads, spec.mlp,
+  text = TextDecoder(byte.VOCAB_SIZE, spec.max_len, spec.width, spec.depth, spec.heads, spec.mlp,
                      spec.caption_sources, **kw)
   return text, ImageDecoder(spec.image_size, spec.image_channels, spec.image_width, **kw)
 
@@ -267,7 +267,7 @@ def _decode_captions(model: Any, source: str, encoded: tuple[Array, Array], embe
   batch = tokens.shape[0]
   decoder = model.caption_decoder
   if model.is_initializing():  # create the decoder's params before reading them
-    decoder(jnp.full((batch, 1), tokenizer.BOS, jnp.int32), tokens, mask, embedding, source=source)
+    decoder(jnp.full((batch, 1), byte.BOS, jnp.int32), tokens, mask, embedding, source=source)
   params = nn.meta.unbox(decoder.variables["params"])
   unbound = decoder.clone(parent=None, name=None)
   repeat = lambda x: jnp.repeat(x, beam_size, axis=0)

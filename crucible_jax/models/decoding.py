@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from crucible_jax.data.tokenizer import BOS, EOS, PAD
+from crucible_jax.data.tokenizers.byte import BOS, EOS, PAD
 
 Cache = Any
 StepFn = Callable[[Int[Array, "n"], Cache, Int[Array, ""]], tuple[Float[Array, "n v"], Cache]]

@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from crucible_jax.data.tokenizers import byte
 from crucible_jax.models import balance as balance_lib
 from crucible_jax.models import converter as converter_lib
 
@@ -47,7 +48,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   audio.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
 
   cfg.text = text = ml_collections.ConfigDict()
-  text.vocab_size = 259  # token ids, 0 = padding (byte tokenizer)
+  text.vocab_size = byte.VOCAB_SIZE  # token ids, 0 = padding; raised to data.tokenizer's when a config loads
   text.max_len = 48  # longest caption or question, tokens
   text.width, text.depth, text.heads, text.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   text.pos_std = 0.02  # init std of the learned positional embedding (token embeddings start at std 0.02 too)

@@ -49,7 +49,7 @@ class ImportanceEstimator(nn.Module):
   width: int = 32  # feature width of each stem
   grid: int = 4  # image/video are pooled to grid x grid cells
   audio_bins: int = 32  # audio RMS energy is pooled to this many bins
-  vocab_size: int = 259  # text ids are hashed into this many buckets (byte tokenizer size)
+  text_buckets: int = 259  # text ids hash into this many buckets (any tokenizer; byte ids map one-to-one)
 
   @nn.compact
   def __call__(self, batch: Batch, present: Bool[Array, "batch modalities"]) -> Float[Array, "batch modalities"]:
@@ -106,13 +106,13 @@ class ImportanceEstimator(nn.Module):
     if text.ndim != 2:
       raise ValueError(f"batch['text'] must be i32[B,L], got shape {text.shape}")
     embed = nn.Embed(
-        self.vocab_size,
+        self.text_buckets,
         self.width,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (VOCAB, EMBED)),
         name="text_bytes",
     )
     is_token = (text != 0)[..., None]
-    bag = (embed(text % self.vocab_size) * is_token).sum(1) / jnp.maximum(is_token.sum(1), 1)
+    bag = (embed(text % self.text_buckets) * is_token).sum(1) / jnp.maximum(is_token.sum(1), 1)
     return jnp.concatenate([bag, is_token.mean(1)], axis=-1)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.data import pipeline as data_lib
+from crucible_jax.data.tokenizers import tokenizer_of
 from crucible_jax.data.verify import check_splits
 from crucible_jax.eval import plots
 from crucible_jax.eval.evaluators import build_evaluators
@@ -46,7 +47,7 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self._config_changes = {} if read_only else check_config(self.workdir, config, tuple(allow_config_change))
-    self.experiment = Experiment(config, mesh)
+    self.experiment = Experiment(config, mesh)  # config errors (mesh, param patterns) before the workdir exists
     self.mesh = self.experiment.mesh
     self.plans = self.experiment.plans
     self.total_steps = self.plans[-1].end
@@ -88,6 +89,7 @@ class Trainer:
       signal.signal(signal.SIGTERM, previous)
       self.checkpointer.wait()
     results = self.evaluate(params, splits=splits)
+    results.update(data_lib.record_stats(self.config.data))  # bad records skipped, captions cut
     results.update(wall_s=time.perf_counter() - start_time, steps=self.total_steps)
     self._write_results(results)
     if self.config.get("plots", True):
@@ -235,7 +237,8 @@ class Trainer:
     if history:
       plots.loss_curves(history, out / "loss_curves.png")
     if pairs and splits:
-      plots.retrieval_examples(batch, outputs["embeddings"], pairs, out / "retrieval_examples.png")
+      plots.retrieval_examples(batch, outputs["embeddings"], pairs, out / "retrieval_examples.png",
+                               tokenizer=tokenizer_of(self.config.data))
     if "vqa" in self.config.evals:
       from crucible_jax.data.digit_world import QUESTION_TYPES
       plots.vqa_by_type(results, QUESTION_TYPES, out / "vqa_by_type.png")

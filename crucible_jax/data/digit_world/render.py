@@ -14,7 +14,7 @@ import numpy as np
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
 from crucible_jax.data import audio as audio_lib
-from crucible_jax.data import tokenizer
+from crucible_jax.data.tokenizers import Tokenizer, tokenizer_of
 from crucible_jax.data.digit_world import draw, templates
 
 VARIANTS: Final = ("clean", "corrupted", "imbalanced")
@@ -60,15 +60,15 @@ def _digits(recipe: Mapping[str, Any], key: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16384)
-def _cached_tokens(text: str, length: int) -> np.ndarray:
-  """Read-only byte tokens of a caption or question: few distinct texts, so encode each once per process."""
-  tokens = tokenizer.encode(text, length)
+def _cached_tokens(text: str, tokenizer: Tokenizer) -> np.ndarray:
+  """Read-only tokens of a caption or question: few distinct texts, so encode each once per process."""
+  tokens = tokenizer.encode(text)
   tokens.flags.writeable = False
   return tokens
 
 
-def _caption_tokens(digits: np.ndarray, template: int, text_len: int) -> np.ndarray:
-  return _cached_tokens(templates.caption(digits.tolist(), template), text_len).copy()
+def _caption_tokens(digits: np.ndarray, template: int, data_cfg: Any) -> np.ndarray:
+  return _cached_tokens(templates.caption(digits.tolist(), template), tokenizer_of(data_cfg)).copy()
 
 
 def render_sample(
@@ -100,7 +100,7 @@ def render_sample(
   snr_low, snr_high = getattr(data_cfg, "speech_snr_db", None) or SNR_DB[variant]
   audio, audio_len = draw.speak(digits, int(recipe["speaker"]), length, int(data_cfg.sample_rate),
                                 rng_audio.uniform(snr_low, snr_high), rng_audio)
-  text = _caption_tokens(digits, template, int(data_cfg.text_len))
+  text = _caption_tokens(digits, template, data_cfg)
 
   corrupted = dict.fromkeys(MODALITIES, False)
   if variant == "corrupted":
@@ -120,7 +120,7 @@ def render_sample(
       audio = np.zeros_like(audio)
       np.clip(np.float32(rms) * audio_lib.noise_slice(audio_len, rng_corrupt), -1.0, 1.0, out=audio[:audio_len])
     if corrupted[TEXT]:
-      text = _caption_tokens(_digits(recipe, "distractor_digits"), template, int(data_cfg.text_len))
+      text = _caption_tokens(_digits(recipe, "distractor_digits"), template, data_cfg)
 
   question_type, param = int(recipe["question_type"]), int(recipe["question_param"])
   padded_digits = np.full((max_digits,), -1, np.int32)
@@ -132,7 +132,8 @@ def render_sample(
       "audio": np.asarray(audio, np.float32),
       "audio_len": np.int32(audio_len),
       "text": text,
-      "question": _cached_tokens(templates.question(question_type, param), int(data_cfg.question_len)).copy(),
+      "question": _cached_tokens(templates.question(question_type, param),
+                                 tokenizer_of(data_cfg, "question_len")).copy(),
       "answer": np.int32(templates.answer(digits.tolist(), question_type, param)),
       "question_type": np.int32(question_type),
       "digits": padded_digits,
@@ -149,10 +150,11 @@ def render_sample(
 def _extra_questions(digits: np.ndarray, data_cfg: ml_collections.ConfigDict, rng: np.random.Generator
                      ) -> dict[str, np.ndarray]:
   """`data.extra_questions` more random questions about the sample and their answers (more VQA signal per image)."""
-  count, length, digit_list = int(data_cfg.extra_questions), int(data_cfg.question_len), digits.tolist()
+  count, digit_list = int(data_cfg.extra_questions), digits.tolist()
+  tokenizer = tokenizer_of(data_cfg, "question_len")
   drawn = [templates.draw_question(digit_list, rng) for _ in range(count)]
   return {
-      "extra_questions": np.stack([_cached_tokens(templates.question(*q), length) for q in drawn]),
+      "extra_questions": np.stack([_cached_tokens(templates.question(*q), tokenizer) for q in drawn]),
       "extra_answers": np.array([templates.answer(digit_list, *q) for q in drawn], np.int32),
   }
 

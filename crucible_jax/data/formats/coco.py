@@ -23,8 +23,9 @@ class CocoCaptions(common.RecordSource):
 
   def __init__(self, root: str, split: str = "val2017", *, per: str = "caption", caption_index: int = 0,
                image_size: int | Sequence[int] = 224, channels: int = 3, text_len: int = 64,
-               skip_bad_records: bool = False):
+               skip_bad_records: bool = False, tokenizer: common.Tokenizer | None = None):
     super().__init__(skip_bad_records)
+    self.tokenizer = tokenizer  # None: byte tokens
     common.check_choice("per", per, ("caption", "image"))
     common.check_positive(text_len=text_len)
     common.check_choice("channels", channels, (1, 3))
@@ -105,7 +106,7 @@ class CocoCaptions(common.RecordSource):
   def _load(self, index: int) -> common.Sample:
     image_id, _ = self.records[index]
     image = common.load_image(self._paths[image_id], f"image id {image_id}", self.image_size, self.channels)
-    text, truncated = common.fit_text(self.caption(index), self.text_len)
+    text, truncated = common.fit_text(self.caption(index), self.text_len, self.tokenizer)
     if truncated:
       self._note_truncated("text", index)
     return {"image": image, "text": text, "string_id": np.array(image_id, np.int32),

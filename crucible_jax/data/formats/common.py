@@ -24,7 +24,7 @@ from jaxtyping import Float
 from PIL import Image
 
 from crucible_jax.common_types import MODALITIES, present_key
-from crucible_jax.data import tokenizer
+from crucible_jax.data.tokenizers import ByteTokenizer, Tokenizer
 
 Sample = dict[str, np.ndarray]
 _INT32_MAX = np.iinfo(np.int32).max
@@ -150,12 +150,9 @@ def fit_audio(wave: Float[np.ndarray, "T"], length: int) -> tuple[Float[np.ndarr
   return out, valid, len(wave) > length
 
 
-def fit_text(text: str, max_len: int) -> tuple[np.ndarray, bool]:
-  """Byte tokens of `text` cut at a UTF-8 character boundary to fit `max_len`; (tokens, truncated)."""
-  data = text.encode("utf-8")
-  if len(data) <= max_len:
-    return tokenizer.encode(text, max_len), False
-  return tokenizer.encode(data[:max_len].decode("utf-8", errors="ignore"), max_len), True
+def fit_text(text: str, max_len: int, tokenizer: Tokenizer | None = None) -> tuple[np.ndarray, bool]:
+  """Tokens of `text` (byte tokens unless `tokenizer`) cut to fit `max_len`; (tokens, truncated)."""
+  return (tokenizer or ByteTokenizer(max_len)).fit(text, max_len)
 
 
 def flags(*present: str) -> Sample:
@@ -189,7 +186,7 @@ class RecordSource:
     if not self.skip_bad_records:
       raise err
     self.stats["skipped"][err.reason] += 1
-    logging.debug("skipping bad record: %s", err)
+    logging.warning("skipping bad record: %s", err)
 
   def _admit(self, parse: Callable[[], Any]) -> None:
     """Append `parse()` to the records unless it raises BadRecord (then `_reject`)."""
@@ -221,6 +218,10 @@ class RecordSource:
 
   def __getitem__(self, index: int) -> Sample:
     """Sample of record `index`; when skipping, the next good record (wrapping) in its place."""
+    return self._first_good(index, self._load)
+
+  def _first_good(self, index: int, load: Callable[[int], Sample]) -> Sample:
+    """`load(index)`, or when skipping bad records, `load` of the next good record (wrapping)."""
     n = len(self.records)
     if not -n <= index < n:
       raise IndexError(f"index {index} out of range for {type(self).__name__} of {n} records")
@@ -230,7 +231,7 @@ class RecordSource:
       if j in self._bad_at_read:
         continue
       try:
-        sample = self._load(j)
+        sample = load(j)
       except BadRecord as err:
         self._reject(err)
         self._bad_at_read.add(j)

@@ -24,8 +24,10 @@ class LibriSpeech(common.RecordSource):
   """
 
   def __init__(self, root: str, subset: str = "test-clean", *, sample_rate: int = 16000,
-               audio_seconds: float = 35.0, text_len: int = 600, skip_bad_records: bool = False):
+               audio_seconds: float = 35.0, text_len: int = 600, skip_bad_records: bool = False,
+               tokenizer: common.Tokenizer | None = None):
     super().__init__(skip_bad_records)
+    self.tokenizer = tokenizer  # None: byte tokens
     common.check_positive(sample_rate=sample_rate, audio_seconds=audio_seconds, text_len=text_len)
     self.sample_rate, self.text_len = sample_rate, text_len
     self.audio_length = int(round(sample_rate * audio_seconds))
@@ -79,7 +81,7 @@ class LibriSpeech(common.RecordSource):
     wave, sr = common.load_audio(r["path"], r["id"])
     audio, valid, audio_cut = common.fit_audio(common.resample_linear(wave, sr, self.sample_rate),
                                                self.audio_length)
-    text, text_cut = common.fit_text(r["transcript"], self.text_len)
+    text, text_cut = common.fit_text(r["transcript"], self.text_len, self.tokenizer)
     if audio_cut:
       self._note_truncated("audio", index)
     if text_cut:

@@ -83,8 +83,9 @@ class VideoText(common.RecordSource):
   def __init__(self, root: str, annotations: str = "msrvtt_test.json", *, split: str | None = None,
                per: str = "caption", caption_index: int = 0, video_frames: int = 8,
                frame_size: int | Sequence[int] = 112, channels: int = 3, text_len: int = 64,
-               skip_bad_records: bool = False):
+               skip_bad_records: bool = False, tokenizer: common.Tokenizer | None = None):
     super().__init__(skip_bad_records)
+    self.tokenizer = tokenizer  # None: byte tokens
     common.check_choice("per", per, ("caption", "video"))
     common.check_choice("channels", channels, (1, 3))
     common.check_positive(video_frames=video_frames, text_len=text_len)
@@ -160,7 +161,7 @@ class VideoText(common.RecordSource):
     frames = self._frames[video_id]
     picked = [frames[k] for k in sample_frame_indices(len(frames), self.video_frames)]
     pixels = np.stack([common.load_image(p, f"video {video_id}", self.frame_size, self.channels) for p in picked])
-    text, truncated = common.fit_text(self.caption(index), self.text_len)
+    text, truncated = common.fit_text(self.caption(index), self.text_len, self.tokenizer)
     if truncated:
       self._note_truncated("text", index)
     return {"video": pixels, "text": text, "string_id": np.array(video, np.int32), **common.flags("video", "text")}

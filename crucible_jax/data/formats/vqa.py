@@ -59,8 +59,9 @@ class VqaV2(common.RecordSource):
   def __init__(self, root: str, split: str = "val2014", *, answer_vocab: Sequence[str] | None = None,
                top_k: int = 3129, train_split: str = "train2014", unknown_answer: str = "error",
                image_size: int | Sequence[int] = 224, channels: int = 3, question_len: int = 64,
-               skip_bad_records: bool = False):
+               skip_bad_records: bool = False, tokenizer: common.Tokenizer | None = None):
     super().__init__(skip_bad_records)
+    self.tokenizer = tokenizer  # None: byte tokens
     common.check_choice("unknown_answer", unknown_answer, ("error", "skip", "keep"))
     common.check_choice("channels", channels, (1, 3))
     common.check_positive(question_len=question_len, top_k=top_k)
@@ -154,7 +155,7 @@ class VqaV2(common.RecordSource):
   def _load(self, index: int) -> common.Sample:
     r = self.records[index]
     image = common.load_image(r["image"], f"question_id {r['question_id']}", self.image_size, self.channels)
-    question, truncated = common.fit_text(r["question"], self.question_len)
+    question, truncated = common.fit_text(r["question"], self.question_len, self.tokenizer)
     if truncated:
       self._note_truncated("question", index)
     return {"image": image, "question": question, "answer": np.array(r["answer"], np.int32),
