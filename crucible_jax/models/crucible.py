@@ -25,6 +25,8 @@ HEAD_MODALITIES: dict[str, tuple[str, ...]] = {"vqa": (IMAGE, TEXT), "tagging": 
 HEAD_INPUTS: dict[str, tuple[str, ...]] = {"vqa": (IMAGE,), "tagging": (AUDIO,), "asr": (AUDIO,)}  # else: all
 VQA_READERS: tuple[str, ...] = ("concat", "slots")  # model.heads.vqa_reader: how the answer head reads the image slots
 DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LOGIT_SCALE_INIT = math.log(10.0)  # contrastive temperature, as log(scale)
+LOGIT_BIAS_INIT = -10.0  # SigLIP's sigmoid bias
 DIGIT_CLASSES = 11  # digits 0-9, plus "no digit" (pretrain, fused) or the CTC blank at class 0 (asr)
 
 
@@ -112,8 +114,9 @@ class CrucibleModel(nn.Module):
     # One slot per digit position plus a summary slot: order-aware read-out of each modality's tokens.
     self.pools = {m: QueryPool(c.max_digits + 1, c.tower(m).heads, **head_kw) for m in c.modalities}
     self.pretrain_heads = {m: ClassifierHead(DIGIT_CLASSES, **head_kw) for m in c.modalities}
-    self.logit_scale = self.param("logit_scale", logical(nn.initializers.constant(math.log(10.0)), ()), (), jnp.float32)
-    self.logit_bias = self.param("logit_bias", logical(nn.initializers.constant(-10.0), ()), (), jnp.float32)
+    scalar = lambda value: logical(nn.initializers.constant(value), ())
+    self.logit_scale = self.param("logit_scale", scalar(LOGIT_SCALE_INIT), (), jnp.float32)
+    self.logit_bias = self.param("logit_bias", scalar(LOGIT_BIAS_INIT), (), jnp.float32)
     if "vqa" in self.available_heads and c.fusion.cross_attention:
       image, text = c.tower(IMAGE), c.tower(TEXT)
       self.vqa_blocks = [
