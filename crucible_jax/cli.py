@@ -1,4 +1,4 @@
-"""`crucible train | eval | bench | prepare | generate`: the command line over experiment files."""
+"""`crucible train | eval | bench | prepare | generate | convert | embed`: the command line over experiment files."""
 
 import argparse
 import importlib
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
 
   from crucible_jax.generate import add_parser as add_generate_parser  # numpy only: keeps --help instant
   add_generate_parser(sub)
+  from crucible_jax import convert, embed  # numpy only
+  convert.add_parser(sub)
+  embed.add_parser(sub)
 
   prepare = sub.add_parser("prepare", help="build a dataset into the data directory")
   prepare.add_argument("dataset", choices=("digit_world",))
@@ -57,8 +60,14 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"crucible: config error: {e}", file=sys.stderr)
     return 2
-  command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate}[args.command]
+  command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate,
+             "convert": _lazy("convert"), "embed": _lazy("embed")}[args.command]
   return command(args, config)
+
+
+def _lazy(name: str):
+  """The `run(args, config)` of the subcommand module crucible_jax.<name>."""
+  return lambda args, config: importlib.import_module(f"crucible_jax.{name}").run(args, config)
 
 
 def _train(args, config) -> int:

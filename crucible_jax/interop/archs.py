@@ -2,6 +2,7 @@
 
 import dataclasses
 
+SOURCES = ("open_clip", "hf_clip", "siglip")  # `crucible convert --from`
 HEAD_WIDTH = 64  # open_clip's head_width: heads = width // 64 in every ViT and text tower it ships
 QUICKGELU_SUFFIX = "-quickgelu"
 

@@ -13,7 +13,7 @@ import numpy as np
 from crucible_jax.config import validate
 from crucible_jax.inference import save_params_dir
 from crucible_jax.interop import clip, siglip, tokenizers
-from crucible_jax.interop.archs import Arch
+from crucible_jax.interop.archs import SOURCES, Arch
 from crucible_jax.interop.checkpoints import read_state_dict
 from crucible_jax.interop.config import CLIP_MEAN, CLIP_STD, CLIP_TOWERS, SIGLIP_MEAN, SIGLIP_STD, SIGLIP_TOWERS
 from crucible_jax.interop.config import converted_config
@@ -21,7 +21,6 @@ from crucible_jax.interop.layout import Reader
 from crucible_jax.parallel import mesh as mesh_lib
 from crucible_jax.train.setup import Experiment
 
-SOURCES = ("open_clip", "hf_clip", "siglip")
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = {  # looked for beside the checkpoint, in this order
     "open_clip": ("bpe_simple_vocab_16e6.txt.gz", "merges.txt"),
