@@ -73,6 +73,10 @@ def run(args: argparse.Namespace, config: Any) -> int:
   root = pathlib.Path(args.params or args.workdir)
   try:
     model = inference.load(root)
+    asked = {"image": args.images, "text": args.texts, "audio": args.audio}
+    lacking = [m for m, given in asked.items() if given and m not in model.modalities]
+    if lacking:
+      raise ValueError(f"this model has no {lacking[0]!r} encoder; it encodes {model.modalities}")
     result = {m: model.embed(m, inputs).tolist() for m, inputs in _inputs(model, root, args).items()}
   except (ValueError, FileNotFoundError) as e:
     print(f"crucible: error: {e}", file=sys.stderr)

@@ -183,3 +183,26 @@ def test_hf_siglip_embeddings_match(tmp_path):
   image_diff, text_diff = max_diffs(converted, images, normalise(image_ref), ids, normalise(text_ref))
   assert image_diff <= TOL and text_diff <= TOL, (image_diff, text_diff)
   np.testing.assert_allclose(np.asarray(converted.params["logit_bias"]), model.logit_bias.item(), rtol=1e-6)
+
+
+def test_vit_b16_loads_on_one_device_and_on_fsdp8(tmp_path):
+  open_clip = reference("open_clip")
+  save_safetensors(open_clip.create_model("ViT-B-16", pretrained=None), tmp_path / "b16.safetensors")
+  out = convert("open_clip", tmp_path / "b16.safetensors", tmp_path / "out", arch_name="ViT-B-16")
+  one = inference.load(out)
+  assert one.experiment.mesh.size == 1 and one.config.model.image.patch == (16, 16)
+  state, _ = read_state_dict(tmp_path / "b16.safetensors")
+  np.testing.assert_array_equal(np.asarray(one.params["encoders_text"]["token_embed"]["embedding"]),
+                                state["token_embedding.weight"])
+  config = inference.read_config(out)
+  with config.unlocked():
+    config.mesh, config.sharding.layout, config.batch_size = dict(data=1, fsdp=8, tensor=1), "fsdp", 8
+  fsdp = Experiment(config)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), fsdp.abstract_params,
+                          fsdp.param_shardings)
+  sharded = inference._restore_tree((out / inference.PARAMS_DIR).absolute(), abstract)  # pylint: disable=protected-access
+  fc1 = sharded["encoders_image"]["encoder"]["transformer"]["block_11"]["mlp"]["fc1"]["kernel"]
+  assert len(fc1.sharding.device_set) == 8 and fc1.addressable_shards[0].data.size == fc1.size // 8
+  flat_one = flax.traverse_util.flatten_dict(one.params, sep="/")
+  for key, value in flax.traverse_util.flatten_dict(sharded, sep="/").items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(flat_one[key]), err_msg=key)
