@@ -80,11 +80,12 @@ def _train(args, config) -> int:
   except ValueError as e:
     print(f"crucible: error: {e}", file=sys.stderr)
     return 2
+  from crucible_jax.train.init_from import InitFromError
   from crucible_jax.train.loop import Preempted, Trainer
   trainer = Trainer(config, args.workdir)
   try:
     trainer.run()
-  except FileNotFoundError as e:  # a benchmark's data directory (or a file in it) is missing
+  except (FileNotFoundError, InitFromError) as e:  # missing data directory or file; an init_from that does not fit
     print(f"crucible: error: {e}", file=sys.stderr)
     return 1
   except Preempted as e:

@@ -165,16 +165,19 @@ def test_hf_siglip_embeddings_match(tmp_path):
   model = transformers.SiglipModel(transformers.SiglipConfig(**_hf_towers(vocab_size=300))).eval()
   jitter(model)
   model.save_pretrained(tmp_path / "sg")
-  sentencepiece = pytest.importorskip("sentencepiece")
+  import sentencepiece
   corpus = tmp_path / "corpus.txt"
   corpus.write_text("\n".join(f"a photo of {w} number {i}" for i, w in enumerate(["cat", "dog", "bird"] * 40)))
   sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sg" / "spiece"),
                                            vocab_size=40, eos_id=1, pad_id=0, unk_id=2, bos_id=-1)
   converted = inference.load(convert("siglip", tmp_path / "sg" / "model.safetensors", tmp_path / "out"))
   assert converted.config.model.image.pool == "map" and converted.config.loss_kind == "siglip"
-  ids = tokenizers.from_spec(converted.config.pretrained.tokenizer, tmp_path / "out").encode(TEXTS)
-  assert ids.shape == (len(TEXTS), TINY["context"]) and (ids[:, -1] != 0).any()
+  ids = tokenizers.from_spec(converted.config.pretrained.tokenizer, tmp_path / "out").encode(TEXTS + ["A cat."])
+  hf_tokenizer = transformers.SiglipTokenizer(str(tmp_path / "sg" / "spiece.model"))
+  np.testing.assert_array_equal(ids, hf_tokenizer(TEXTS + ["A cat."], padding="max_length", truncation=True,
+                                                  max_length=TINY["context"])["input_ids"])
   images = np.random.default_rng(2).normal(size=(2, 3, 32, 32)).astype(np.float32)
+  ids = ids[: len(TEXTS)]
   with torch.no_grad():
     image_ref = model.get_image_features(pixel_values=torch.from_numpy(images))
     text_ref = model.get_text_features(input_ids=torch.from_numpy(ids).long())

@@ -6,6 +6,7 @@ import functools
 import gzip
 import html
 import pathlib
+import string
 from typing import Any, Sequence
 
 import numpy as np
@@ -102,21 +103,26 @@ class ClipBpeTokenizer:
     return out
 
 
-class SentencePieceTokenizer:
-  """SigLIP's text side: lower-cased SentencePiece pieces, then </s>, padded with `pad_id` to `max_len`."""
+def canonicalize(text: str) -> str:
+  """big_vision's (and HF SiglipTokenizer's) SigLIP text: lower case, ASCII punctuation removed, whitespace collapsed."""
+  return " ".join(text.lower().translate(str.maketrans("", "", string.punctuation)).split())
 
-  def __init__(self, model_file: str | pathlib.Path, max_len: int = 64, lower: bool = True):
+
+class SentencePieceTokenizer:
+  """SigLIP's text side: canonicalized text as SentencePiece pieces, then </s>, padded with </s> to `max_len`."""
+
+  def __init__(self, model_file: str | pathlib.Path, max_len: int = 64, canonical: bool = True):
     import sentencepiece  # pylint: disable=g-import-not-at-top
     self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-    self.vocab_size, self.max_len, self.lower = self._sp.get_piece_size(), max_len, lower
+    self.vocab_size, self.max_len, self.canonical = self._sp.get_piece_size(), max_len, canonical
     self.eos_id, self.bos_id = self._sp.eos_id(), self._sp.bos_id()
-    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    self.pad_id = self.eos_id  # SigLIP pads with </s>
 
   def encode(self, texts: Sequence[str]) -> np.ndarray:
     """int32[N, max_len]: pieces + </s>, truncated (keeping </s>) and padded."""
     out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
     for row, text in enumerate(texts):
-      ids = [*self._sp.encode(text.lower() if self.lower else text), self.eos_id][: self.max_len]
+      ids = [*self._sp.encode(canonicalize(text) if self.canonical else text), self.eos_id][: self.max_len]
       ids[-1] = self.eos_id
       out[row, : len(ids)] = ids
     return out
@@ -130,5 +136,5 @@ def from_spec(spec: Any, root: str | pathlib.Path) -> ClipBpeTokenizer | Sentenc
   if spec["kind"] == CLIP_BPE:
     return ClipBpeTokenizer(path, spec["max_len"])
   if spec["kind"] == SENTENCEPIECE:
-    return SentencePieceTokenizer(path, spec["max_len"], spec.get("lower", True))
+    return SentencePieceTokenizer(path, spec["max_len"], spec.get("canonical", True))
   raise ValueError(f"pretrained.tokenizer.kind={spec['kind']!r}: expected {CLIP_BPE} or {SENTENCEPIECE}")
