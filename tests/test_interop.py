@@ -203,7 +203,8 @@ def test_vit_b16_loads_on_one_device_and_on_fsdp8(tmp_path):
   fsdp = Experiment(config)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), fsdp.abstract_params,
                           fsdp.param_shardings)
-  sharded = inference._restore_tree((out / inference.PARAMS_DIR).absolute(), abstract)  # pylint: disable=protected-access
+  restore = inference._restore_tree  # pylint: disable=protected-access  (load() takes devices, not a mesh layout)
+  sharded = restore((out / inference.PARAMS_DIR).absolute(), abstract)
   fc1 = sharded["encoders_image"]["encoder"]["transformer"]["block_11"]["mlp"]["fc1"]["kernel"]
   assert len(fc1.sharding.device_set) == 8 and fc1.addressable_shards[0].data.size == fc1.size // 8
   flat_one = flax.traverse_util.flatten_dict(one.params, sep="/")

@@ -74,3 +74,40 @@ def test_take_selects_towers(source, tmp_path):
     _apply(source_dir, target, tmp_path, init_from_take=("^no_such_tower/",))
   with pytest.raises(init_from.InitFromError, match="neither a params directory"):
     _apply(tmp_path, target, tmp_path)
+
+
+def test_a_run_starts_from_init_from_and_embeds_from_its_workdir(tmp_path):
+  """The user's path: `init_from` in a tiny DigitWorld run (lr 0 keeps what was loaded), then `crucible embed
+  --workdir` on a PNG, a string and a WAV with the run's own preprocessing."""
+  from PIL import Image
+  import soundfile
+  from crucible_jax.cli import main
+  from crucible_jax.config import load_experiment
+  from crucible_jax.train.loop import Trainer
+  from test_train import DIGIT_WORLD, SHORT
+  overrides = [*SHORT, "--config.stage_order=('unimodal',)", "--config.stages.unimodal.lr=0.0",
+               "--config.stages.unimodal.steps=2", "--config.stages.unimodal.warmup=0", "--config.eval_splits=()"]
+  take = "--config.init_from_take=('^encoders_image/',)"
+  run_config = load_experiment(f"{DIGIT_WORLD}:tiny", [*overrides, f"--config.init_from={tmp_path / 'src'}", take])
+  trainer = Trainer(run_config, tmp_path / "run")
+  try:  # the source: the same model from another seed, written before the run starts
+    source = jax.device_get(trainer.experiment.init_params(jax.random.key(11)))
+    save_params_dir(tmp_path / "src", run_config, source)
+    trainer.run()
+    final = trainer.restore_final_params()
+  finally:
+    trainer.close()
+  report = json.loads((tmp_path / "run" / init_from.REPORT_FILE).read_text())
+  assert report["loaded"] and all(k.startswith("encoders_image/") for k in report["loaded"])
+  np.testing.assert_array_equal(np.asarray(final["encoders_image"]["patch_embed"]["kernel"]),
+                                source["encoders_image"]["patch_embed"]["kernel"])
+  assert not np.array_equal(np.asarray(final["encoders_text"]["token_embed"]["embedding"]),
+                            source["encoders_text"]["token_embed"]["embedding"])
+  Image.fromarray(np.zeros((20, 50), np.uint8)).save(tmp_path / "digits.png")
+  soundfile.write(tmp_path / "digits.wav", np.zeros(4000, np.float32), 8000)
+  assert main(["embed", "--workdir", str(tmp_path / "run"), "--images", str(tmp_path / "digits.png"),
+               "--texts", "37", "--audio", str(tmp_path / "digits.wav"), "--json", str(tmp_path / "e.json")]) == 0
+  got = json.loads((tmp_path / "e.json").read_text())
+  assert sorted(got) == ["audio", "image", "text"]
+  for vectors in got.values():
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(vectors), axis=-1), 1.0, rtol=1e-5)

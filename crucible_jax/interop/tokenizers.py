@@ -59,8 +59,8 @@ class ClipBpeTokenizer:
     specials = ["<start_of_text>", "<end_of_text>"]
     self._ids = {token: i for i, token in enumerate(vocab + specials)}
     self._ranks = {m: i for i, m in enumerate(merges)}
-    self._pattern = regex.compile("|".join(specials) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                                  regex.IGNORECASE)
+    words = r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    self._pattern = regex.compile("|".join(specials) + words, regex.IGNORECASE)
     self._cache = {t: t for t in specials}
     self.vocab_size, self.max_len, self.pad_id = len(self._ids), max_len, 0
     self.bos_id, self.eos_id = self._ids[specials[0]], self._ids[specials[1]]
@@ -104,7 +104,7 @@ class ClipBpeTokenizer:
 
 
 def canonicalize(text: str) -> str:
-  """big_vision's (and HF SiglipTokenizer's) SigLIP text: lower case, ASCII punctuation removed, whitespace collapsed."""
+  """SigLIP's text as big_vision and HF SiglipTokenizer see it: lower case, no ASCII punctuation, single spaces."""
   return " ".join(text.lower().translate(str.maketrans("", "", string.punctuation)).split())
 
 
