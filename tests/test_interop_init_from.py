@@ -89,6 +89,8 @@ def test_a_run_starts_from_init_from_and_embeds_from_its_workdir(tmp_path):
                "--config.stages.unimodal.steps=2", "--config.stages.unimodal.warmup=0", "--config.eval_splits=()"]
   take = "--config.init_from_take=('^encoders_image/',)"
   run_config = load_experiment(f"{DIGIT_WORLD}:tiny", [*overrides, f"--config.init_from={tmp_path / 'src'}", take])
+  with run_config.unlocked():
+    run_config.plots = False
   trainer = Trainer(run_config, tmp_path / "run")
   try:  # the source: the same model from another seed, written before the run starts
     source = jax.device_get(trainer.experiment.init_params(jax.random.key(11)))

@@ -141,7 +141,7 @@ class CrucibleModel(nn.Module):
 
   @property
   def available_heads(self) -> tuple[str, ...]:
-    """Heads whose modalities are all active; other heads are skipped silently."""
+    """Heads whose modalities are all active (and that `heads` enables); other heads are skipped silently."""
     active = set(self.config.modalities)
     generation = self.config.converter is not None
     enabled = ALL_HEADS if self.config.heads is None else self.config.heads
