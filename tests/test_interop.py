@@ -110,6 +110,11 @@ def test_torch_and_safetensors_files_read_alike(tmp_path):
   assert not jit and sorted(from_pt) == sorted(from_st)
   for key in from_st:
     np.testing.assert_array_equal(from_pt[key], from_st[key])
+  from safetensors.torch import save_file
+  bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+  save_file(bf16, str(tmp_path / "bf16.safetensors"))
+  from_bf16, _ = read_state_dict(tmp_path / "bf16.safetensors")
+  np.testing.assert_array_equal(from_bf16["visual.proj"], model.visual.proj.detach().to(torch.bfloat16).float().numpy())
 
 
 def test_bad_checkpoints_are_named(tmp_path):

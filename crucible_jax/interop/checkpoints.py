@@ -3,6 +3,7 @@
 import pathlib
 import zipfile
 
+import jax
 import numpy as np
 
 StateDict = dict[str, np.ndarray]
@@ -38,6 +39,19 @@ def _is_torchscript(path: pathlib.Path) -> bool:
     return any(n.endswith("/constants.pkl") for n in archive.namelist())
 
 
+def _from_safetensors(path: pathlib.Path) -> StateDict:
+  """numpy arrays of a .safetensors file; bfloat16 (no numpy dtype) goes through JAX on the CPU."""
+  import safetensors  # pylint: disable=g-import-not-at-top
+  from safetensors import flax as st_flax, numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  try:
+    return st_numpy.load_file(str(path))
+  except TypeError:  # "data type 'bfloat16' not understood"
+    with jax.default_device(jax.devices("cpu")[0]):
+      return {k: np.asarray(v, np.float32) for k, v in st_flax.load_file(str(path)).items()}
+  except (safetensors.SafetensorError, ValueError, OSError) as e:
+    raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+
+
 def read_state_dict(path: str | pathlib.Path) -> tuple[StateDict, bool]:
   """(float32 weights by name with wrapper prefixes stripped, whether it is an OpenAI TorchScript archive)."""
   path = pathlib.Path(path)
@@ -45,8 +59,7 @@ def read_state_dict(path: str | pathlib.Path) -> tuple[StateDict, bool]:
     raise FileNotFoundError(f"checkpoint not found: {path}")
   jit = False
   if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-    state = load_file(str(path))
+    state = _from_safetensors(path)
   elif path.suffix == ".npz":
     with np.load(path) as npz:
       state = dict(npz)
