@@ -1,4 +1,4 @@
-"""`crucible train | eval | config | bench | prepare | generate | tokenizer`: the command line over experiment files."""
+"""`crucible train | eval | config | bench | prepare | generate | tokenizer | convert | embed`: the command line."""
 
 import argparse
 import importlib
@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
   add_generate_parser(sub)
   config_cli.add_parser(sub, CONFIG_HELP)
   tokenizer_cli.add_parser(sub)
+  from crucible_jax import convert, embed  # numpy only
+  convert.add_parser(sub)
+  embed.add_parser(sub)
 
   prepare = sub.add_parser("prepare", help="build a dataset into the data directory")
   prepare.add_argument("dataset", choices=("digit_world",))
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     return _config_error(e)
   command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate,
-             "config": config_cli.run, "tokenizer": tokenizer_cli.run}[args.command]
+             "config": config_cli.run, "tokenizer": tokenizer_cli.run, "convert": _lazy("convert"),
+             "embed": _lazy("embed")}[args.command]
   _route_library_logs(args.verbose)
   try:
     return command(args, config)
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     return _report(e, args)
 
 
-ERRORS_OF_INPUT = ("CheckpointError", "InputFileError", "FileNotFoundError", "FloatingPointError", "ValueError")
+ERRORS_OF_INPUT = ("CheckpointError", "InputFileError", "InitFromError", "FileNotFoundError", "FloatingPointError",
+                   "ValueError")
 LOG_FILE = "crucible.log"  # in the workdir of a run that started: library logs and tracebacks
 
 
@@ -147,6 +152,11 @@ def config_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
 def _config_error(error: Exception) -> int:
   print(f"crucible: config error: {error}", file=sys.stderr)
   return 2
+
+
+def _lazy(name: str):
+  """The `run(args, config)` of the subcommand module crucible_jax.<name>."""
+  return lambda args, config: importlib.import_module(f"crucible_jax.{name}").run(args, config)
 
 
 def _train(args, config) -> int:

@@ -67,7 +67,8 @@ def _image(path: str, size: tuple[int, int]) -> np.ndarray:
   return np.clip(pixels, 0.0, 1.0)[..., None]
 
 
-def _audio(path: str, data: Any) -> tuple[np.ndarray, int]:
+def read_audio(path: str, data: Any) -> tuple[np.ndarray, int]:
+  """A WAV resampled to the data rate, zero-padded or cut to `audio_seconds`, and its valid length."""
   from crucible_jax.data.audio import load_wav, resample_linear
   waveform, rate = load_wav(path)
   if rate != int(data.sample_rate):
@@ -99,7 +100,7 @@ def _fill(args: argparse.Namespace, data: Any, batch: dict[str, np.ndarray]) -> 
   elif args.source == IMAGE:
     batch[IMAGE][0] = _image(args.input, tuple(data.image_size))
   elif args.source == AUDIO:
-    batch[AUDIO][0], batch["audio_len"][0] = _audio(args.input, data)
+    batch[AUDIO][0], batch["audio_len"][0] = read_audio(args.input, data)
   else:
     video = np.load(args.input).astype(np.float32)
     video = video[..., None] if video.ndim == 3 else video

@@ -58,6 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.xla = dict(overlap_comm=False)  # GPU: latency-hiding scheduler + collective combining flags
   c.log_every = 50  # steps between metric rows / progress lines
   c.checkpoint = dict(every=500, keep=2, async_save=True)  # steps between saves; checkpoints kept; async writes
+  c.init_from = ""  # params directory (crucible convert) or workdir to start from; "" = random init
+  c.init_from_take = ()  # regexes of the param paths to take (e.g. "^encoders_image/"); () = all
+  c.init_from_partial = False  # False: any key that does not fit stops the run; True: load what fits, report the rest
   encoders = r"^(encoders|pools)_"  # param paths of the encoders and their order-aware read-outs
   reading = {f"pretrain/{m}": 0.5 for m in ("image", "text", "audio", "video")}  # keeps the slots digit-aligned
   c.stage_order = ("unimodal", "align", "joint")

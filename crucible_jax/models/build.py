@@ -8,8 +8,11 @@ import ml_collections
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
 from crucible_jax.models import balance as balance_lib
 from crucible_jax.models import converter as converter_lib
-from crucible_jax.models.crucible import DTYPES, VQA_READERS, CrucibleModel, FusionSpec, ModelConfig, TowerSpec
-from crucible_jax.models.layers import ATTENTION_KERNELS, Dtype
+from crucible_jax.models.crucible import (ALL_HEADS, DTYPES, VQA_READERS, CrucibleModel, FusionSpec, ModelConfig,
+                                         TowerSpec)
+from crucible_jax.models.encoders import TEXT_MASKS
+from crucible_jax.models.heads import POOLS
+from crucible_jax.models.layers import ACTIVATIONS, ATTENTION_KERNELS, Dtype, Style
 from crucible_jax.models.melspec import num_frames
 from crucible_jax.models.router import routing_spec
 
@@ -75,7 +78,41 @@ def _tower(cfg: ml_collections.ConfigDict, m: str) -> TowerSpec:
   if attention == "cudnn" and dtype == jnp.float32:
     raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype; {m} computes in float32")
   return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem=stem,
-                   stem_convs=stem_convs, pos_std=float(pos_std), attention=attention)
+                   stem_convs=stem_convs, pos_std=float(pos_std), attention=attention, **_pretrained_options(cfg, m))
+
+
+def _flag(cfg: ml_collections.ConfigDict, path: str, default: bool) -> bool:
+  """A bool field that older configs may lack."""
+  m, key = path.split(".")
+  value = cfg[m].get(key, default)
+  if not isinstance(value, bool):
+    raise ValueError(f"{path}={value!r} must be true or false")
+  return value
+
+
+def _pretrained_options(cfg: ml_collections.ConfigDict, m: str) -> dict[str, Any]:
+  """The tower options pretrained CLIP/SigLIP towers need (TowerSpec's defaults when a config lacks them)."""
+  node = cfg[m]
+  opts = {k: node.get(k, d) for k, d in (("act", "gelu_tanh"), ("pool", "slots"), ("mask", "padding"))}
+  for key, choices in (("act", tuple(ACTIVATIONS)), ("pool", POOLS), ("mask", TEXT_MASKS)):
+    if opts[key] not in choices:
+      raise ValueError(f"{m}.{key}={opts[key]!r}: expected one of {choices}")
+  if m != TEXT and opts["pool"] in ("eot", "last") or m == TEXT and opts["pool"] == "cls":
+    raise ValueError(f"{m}.pool={opts['pool']!r} does not apply to {m} tokens")
+  if m != TEXT and opts["mask"] != "padding":
+    raise ValueError(f"{m}.mask={opts['mask']!r}: only the text tower takes a mask option")
+  eps = node.get("norm_eps", 1e-6)
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+    raise ValueError(f"{m}.norm_eps={eps!r} must be a number in (0, 1)")
+  flags = {k: _flag(cfg, f"{m}.{k}", d) for k, d in (
+      ("fast_variance", True), ("pre_norm", False), ("cls_token", False), ("patch_bias", True), ("proj_bias", True))}
+  if m == TEXT and (flags["pre_norm"] or flags["cls_token"]):
+    raise ValueError("text.pre_norm and text.cls_token apply to patch towers only")
+  if opts["pool"] == "cls" and not flags["cls_token"]:
+    raise ValueError(f"{m}.pool='cls' needs {m}.cls_token=True")
+  return dict(style=Style(opts["act"], float(eps), flags["fast_variance"]), pre_norm=flags["pre_norm"],
+              cls_token=flags["cls_token"], patch_bias=flags["patch_bias"], pool=opts["pool"],
+              proj_bias=flags["proj_bias"], text_mask=opts["mask"])
 
 
 def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
@@ -85,9 +122,14 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
     raise ValueError(f"modalities={modalities}: expected distinct names from {MODALITIES}")
   modalities = tuple(m for m in MODALITIES if m in modalities)
   towers = tuple((m, _tower(cfg, m)) for m in modalities)
+  heads = _get(cfg, "heads").get("enabled", None)
+  if heads is not None and (not heads or not set(heads) <= set(ALL_HEADS)):
+    raise ValueError(f"heads.enabled={heads!r}: expected None (all) or a subset of {ALL_HEADS}")
+  heads = None if heads is None else tuple(heads)
   widths = {f"{m}.width": t.width for m, t in towers}
-  if len(set(widths.values())) > 1:
-    raise ValueError(f"adaptive fusion needs one width for all active modalities, got {widths}")
+  if len(set(widths.values())) > 1 and (heads is None or {"fused", "vqa"} & set(heads)):
+    raise ValueError(f"adaptive fusion and VQA need one width for all active modalities, got {widths} "
+                     f"(heads.enabled=('embed',) drops them)")
   patch, tubelet = (1, 1), (1, 1, 1)
   stride = {m: 2 ** len(t.stem) for m, t in towers}  # each conv stem stage halves height and width
   if IMAGE in modalities:
@@ -127,6 +169,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
       routing=routing_spec(cfg.get("routing"), modalities), balance=balance_lib.balance_spec(cfg.get("balance")),
       converter=converter_lib.converter_spec(cfg.get("converter"), modalities, tuple(_get(cfg, "image.size")),
                                              _get(cfg, "image.channels"), _positive(cfg, "heads.max_digits")),
+      heads=heads,
   ))
 
 

@@ -15,8 +15,9 @@ from crucible_jax.models import converter as converter_lib
 from crucible_jax.models import encoders as enc
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock
 from crucible_jax.models.fusion import AdaptiveFusion
-from crucible_jax.models.heads import ClassifierHead, JointProjection, QueryPool, SlotAnswerHead, masked_mean_pool
-from crucible_jax.models.layers import Dtype, logical
+from crucible_jax.models.heads import (ClassifierHead, JointProjection, QueryPool, SlotAnswerHead, TokenPool,
+                                       masked_mean_pool)
+from crucible_jax.models.layers import Dtype, Style, logical
 from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode
 
 ALL_HEADS: tuple[str, ...] = ("embed", "pretrain", "vqa", "tagging", "asr", "fused", *converter_lib.CONVERTER_HEADS)
@@ -24,6 +25,8 @@ HEAD_MODALITIES: dict[str, tuple[str, ...]] = {"vqa": (IMAGE, TEXT), "tagging": 
 HEAD_INPUTS: dict[str, tuple[str, ...]] = {"vqa": (IMAGE,), "tagging": (AUDIO,), "asr": (AUDIO,)}  # else: all
 VQA_READERS: tuple[str, ...] = ("concat", "slots")  # model.heads.vqa_reader: how the answer head reads the image slots
 DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+LOGIT_SCALE_INIT = math.log(10.0)  # contrastive temperature, as log(scale)
+LOGIT_BIAS_INIT = -10.0  # SigLIP's sigmoid bias
 DIGIT_CLASSES = 11  # digits 0-9, plus "no digit" (pretrain, fused) or the CTC blank at class 0 (asr)
 
 
@@ -40,6 +43,13 @@ class TowerSpec:
   stem_convs: int = 1  # 3x3 convs per stem stage
   pos_std: float = 0.02  # init std of the learned positional embedding
   attention: str = "xla"  # attention kernel of the tower's blocks (layers.ATTENTION_KERNELS)
+  style: Style = Style()  # MLP activation and LayerNorm numerics
+  pre_norm: bool = False  # LayerNorm after the positional embedding (CLIP's ln_pre)
+  cls_token: bool = False  # a learned class token before the patches (image, video, audio)
+  patch_bias: bool = True  # bias of the patch embedding
+  pool: str = "slots"  # how tokens become the projected vector (heads.POOLS)
+  proj_bias: bool = True  # bias of the projection into the joint space
+  text_mask: str = "padding"  # attention mask of the text tower (encoders.TEXT_MASKS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +84,7 @@ class ModelConfig:
   routing: RoutingSpec | None = None  # dynamic modality routing; None = every present modality is encoded
   balance: balance_lib.BalanceSpec = balance_lib.BalanceSpec()  # gradient balancing before fusion (OGM-GE)
   converter: converter_lib.ConverterSpec | None = None  # caption/image decoders (cross-modal generation); None = off
+  heads: tuple[str, ...] | None = None  # heads this model has (a converted CLIP: ("embed",)); None = ALL_HEADS
 
   def tower(self, modality: str) -> TowerSpec:
     """The encoder spec of an active modality."""
@@ -96,12 +107,16 @@ class CrucibleModel(nn.Module):
     c = self.config
     head_kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
     self.encoders = {m: self._make_encoder(m) for m in c.modalities}
-    self.projections = {m: JointProjection(c.joint_dim, **head_kw) for m in c.modalities}
+    self.projections = {m: JointProjection(c.joint_dim, use_bias=c.tower(m).proj_bias, **head_kw)
+                        for m in c.modalities}
+    self.token_pools = {m: TokenPool(c.tower(m).pool, c.tower(m).heads, c.tower(m).mlp, c.tower(m).style, **head_kw)
+                        for m in c.modalities if c.tower(m).pool != "slots"}
     # One slot per digit position plus a summary slot: order-aware read-out of each modality's tokens.
     self.pools = {m: QueryPool(c.max_digits + 1, c.tower(m).heads, **head_kw) for m in c.modalities}
     self.pretrain_heads = {m: ClassifierHead(DIGIT_CLASSES, **head_kw) for m in c.modalities}
-    self.logit_scale = self.param("logit_scale", logical(nn.initializers.constant(math.log(10.0)), ()), (), jnp.float32)
-    self.logit_bias = self.param("logit_bias", logical(nn.initializers.constant(-10.0), ()), (), jnp.float32)
+    scalar = lambda value: logical(nn.initializers.constant(value), ())
+    self.logit_scale = self.param("logit_scale", scalar(LOGIT_SCALE_INIT), (), jnp.float32)
+    self.logit_bias = self.param("logit_bias", scalar(LOGIT_BIAS_INIT), (), jnp.float32)
     if "vqa" in self.available_heads and c.fusion.cross_attention:
       image, text = c.tower(IMAGE), c.tower(TEXT)
       self.vqa_blocks = [
@@ -126,10 +141,11 @@ class CrucibleModel(nn.Module):
 
   @property
   def available_heads(self) -> tuple[str, ...]:
-    """Heads whose modalities are all active; other heads are skipped silently."""
+    """Heads whose modalities are all active (and that `heads` enables); other heads are skipped silently."""
     active = set(self.config.modalities)
     generation = self.config.converter is not None
-    return tuple(h for h in ALL_HEADS if set(HEAD_MODALITIES.get(h, ())) <= active
+    enabled = ALL_HEADS if self.config.heads is None else self.config.heads
+    return tuple(h for h in ALL_HEADS if set(HEAD_MODALITIES.get(h, ())) <= active and h in enabled
                  and (generation or h not in converter_lib.CONVERTER_HEADS))
 
   def _make_encoder(self, modality: str) -> nn.Module:
@@ -137,9 +153,11 @@ class CrucibleModel(nn.Module):
     kw = dict(
         width=spec.width, depth=spec.depth, num_heads=spec.heads, mlp_dim=spec.mlp,
         pos_std=spec.pos_std, dtype=spec.dtype, param_dtype=c.param_dtype, attention=spec.attention,
+        style=spec.style,
     )
     if modality != TEXT:
-      kw.update(stem=spec.stem, stem_convs=spec.stem_convs)
+      kw.update(stem=spec.stem, stem_convs=spec.stem_convs, pre_norm=spec.pre_norm, cls_token=spec.cls_token,
+                patch_bias=spec.patch_bias)
     if modality == IMAGE:
       return enc.ImageEncoder(patch=c.image_patch, **kw)
     if modality == VIDEO:
@@ -147,7 +165,7 @@ class CrucibleModel(nn.Module):
     if modality == AUDIO:
       return enc.AudioEncoder(**dict(c.audio_frontend), **kw)
     vocab_size, max_len = c.text_vocab
-    return enc.TextEncoder(vocab_size=vocab_size, max_len=max_len, **kw)
+    return enc.TextEncoder(vocab_size=vocab_size, max_len=max_len, mask=spec.text_mask, **kw)
 
   def encode(
       self, batch: Mapping[str, Array], train: bool = False, modalities: tuple[str, ...] | None = None,
@@ -208,8 +226,9 @@ class CrucibleModel(nn.Module):
     plan = routing[0] if routing is not None and route else None
     encoded = self.encode(batch, train, tuple(m for m in c.modalities if m in needed), plan, route)
     batch_size = len(_require(batch, c.modalities[0]))
-    slots = {m: self.pools[m](*encoded[m]) for m in encoded}
-    pooled = {m: x.reshape(batch_size, -1) for m, x in slots.items()}
+    slots = {m: self.pools[m](*encoded[m]) for m in encoded if m not in self.token_pools or "pretrain" in heads}
+    pooled = {m: self.token_pools[m](*encoded[m], batch.get(m) if m == TEXT else None) if m in self.token_pools
+              else slots[m].reshape(batch_size, -1) for m in encoded}
     present = {
         m: jnp.asarray(batch[present_key(m)], bool) if present_key(m) in batch else jnp.ones((batch_size,), bool)
         for m in c.modalities

@@ -7,6 +7,21 @@ from crucible_jax.models import balance as balance_lib
 from crucible_jax.models import converter as converter_lib
 
 
+def pretrained_tower_fields(tower: ml_collections.ConfigDict, patches: bool = True) -> None:
+  """The options converted CLIP/SigLIP towers set; these defaults are crucible's own towers."""
+  tower.act = "gelu_tanh"  # MLP activation: gelu_tanh | gelu (erf) | quick_gelu (OpenAI CLIP)
+  tower.norm_eps = 1e-6  # LayerNorm epsilon (torch models: 1e-5)
+  tower.fast_variance = True  # LayerNorm variance as E[x²]-E[x]² (Flax); False: two-pass, as torch
+  tower.pool = "slots"  # read-out into the joint space: slots | cls | map | mean | eot | last (models.heads.POOLS)
+  tower.proj_bias = True  # bias of the joint-space projection
+  if patches:
+    tower.pre_norm = False  # LayerNorm after the positional embedding (CLIP's ln_pre)
+    tower.cls_token = False  # learned class token before the patches (CLIP)
+    tower.patch_bias = True  # bias of the patch embedding
+  else:
+    tower.mask = "padding"  # attention mask: padding (id 0 hidden) | causal (CLIP) | none (SigLIP)
+
+
 def default_model_config() -> ml_collections.ConfigDict:
   """Tiny defaults that compile in seconds on a CPU; experiments override fields."""
   cfg = ml_collections.ConfigDict()
@@ -24,6 +39,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   image.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
   image.stem_convs = 1  # 3x3 conv + gelu layers per stem stage, before its 2x2 max-pool
   image.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
+  pretrained_tower_fields(image)
 
   cfg.video = video = ml_collections.ConfigDict()
   video.frames = 8  # frames per clip
@@ -34,6 +50,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   video.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
   video.stem_convs = 1  # 3x3 conv + gelu layers per stem stage, before its 2x2 max-pool
   video.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
+  pretrained_tower_fields(video)
 
   cfg.audio = audio = ml_collections.ConfigDict()
   audio.sample_rate = 8000  # waveform samples per second, Hz
@@ -46,12 +63,14 @@ def default_model_config() -> ml_collections.ConfigDict:
   audio.stem = ()  # conv stem channels, a 3x3 conv each before patchifying; () = plain linear patches
   audio.stem_convs = 1  # 3x3 conv + gelu layers per stem stage, before its 2x2 max-pool
   audio.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
+  pretrained_tower_fields(audio)
 
   cfg.text = text = ml_collections.ConfigDict()
   text.vocab_size = byte.VOCAB_SIZE  # token ids, 0 = padding; raised to data.tokenizer's when a config loads
   text.max_len = 48  # longest caption or question, tokens
   text.width, text.depth, text.heads, text.mlp = 32, 1, 2, 64  # features, blocks, heads, MLP features
   text.pos_std = 0.02  # init std of the learned positional embedding (token embeddings start at std 0.02 too)
+  pretrained_tower_fields(text, patches=False)
 
   cfg.fusion = fusion = ml_collections.ConfigDict()
   fusion.cross_attention = True  # VQA fuses question and image by cross-attention (False: concatenation ablation)
@@ -65,6 +84,7 @@ def default_model_config() -> ml_collections.ConfigDict:
   heads.vqa_hidden = 64  # hidden units of the VQA answer head's MLP (it combines question and image slots)
   heads.vqa_reader = "concat"  # answer head input: concat (question + flattened slots) | slots (sum over slots)
   heads.num_tags = 10  # audio tagging labels (which digits are spoken)
+  heads.enabled = None  # heads the model has, a subset of ALL_HEADS (converted CLIP: ("embed",)); None = all
 
   cfg.routing = routing = ml_collections.ConfigDict()
   routing.enabled = False  # dynamic modality router: encode each modality only on its budgeted share of the batch

@@ -6,15 +6,17 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from crucible_jax.common_types import EMBED, LENGTH, PATCH, VOCAB
-from crucible_jax.models.layers import TOKENS, Dtype, Transformer, default_kernel_init, dense, logical
+from crucible_jax.models.layers import (TOKENS, Dtype, Style, Transformer, default_kernel_init, dense, layer_norm,
+                                        logical)
 from crucible_jax.models.melspec import log_mel_spectrogram
 
 Encoded = tuple[Float[Array, "b n d"], Bool[Array, "b n"]]
 NORM_EPS = 1e-5
+TEXT_MASKS: tuple[str, ...] = ("padding", "causal", "none")  # text.mask: id-0 keys hidden | causal (CLIP) | none
 
 
 class PositionalTransformer(nn.Module):
-  """Adds a learned positional embedding of `max_len` rows to embedded tokens, then runs a Transformer."""
+  """Adds a learned positional embedding of `max_len` rows to embedded tokens ([+ LayerNorm]), then a Transformer."""
 
   max_len: int
   depth: int
@@ -24,9 +26,11 @@ class PositionalTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"  # attention kernel (layers.ATTENTION_KERNELS)
+  style: Style = Style()
+  pre_norm: bool = False  # a LayerNorm before the first block (CLIP's ln_pre)
 
   @nn.compact
-  def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b n d"]:
+  def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None) -> Float[Array, "b n d"]:
     length, width = x.shape[1:]
     if length > self.max_len:
       raise ValueError(f"sequence of {length} tokens exceeds max_len={self.max_len}")
@@ -37,9 +41,11 @@ class PositionalTransformer(nn.Module):
         self.param_dtype,
     )
     x = x + jnp.asarray(pos[:length], self.dtype)[None]
+    if self.pre_norm:
+      x = layer_norm(dtype=self.dtype, param_dtype=self.param_dtype, style=self.style, name="ln_pre")(x)
     return Transformer(
         self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-        attention=self.attention, name="transformer",
+        attention=self.attention, style=self.style, name="transformer",
     )(x, mask)
 
 
@@ -96,6 +102,10 @@ class _Tower(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"  # attention kernel (layers.ATTENTION_KERNELS)
+  style: Style = Style()  # MLP activation and LayerNorm numerics
+  pre_norm: bool = False  # LayerNorm after the positional embedding (CLIP's ln_pre)
+  cls_token: bool = False  # prepend a learned class token (CLIP); its output is token 0
+  patch_bias: bool = True  # bias of the patch embedding (CLIP's conv1 has none)
 
   def apply_stem(self, x: Float[Array, "n h w c"]) -> Float[Array, "n h w f"]:
     """The conv stem over 2-D inputs (identity without one)."""
@@ -103,15 +113,21 @@ class _Tower(nn.Module):
       return x
     return ConvStem(self.stem, self.stem_convs, dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(x)
 
-  def encode_patches(self, patches: Float[Array, "b n p"], mask: Bool[Array, "b n"]) -> Float[Array, "b n d"]:
-    """Project flat patches to `width` and run the positional Transformer."""
+  def encode_patches(self, patches: Float[Array, "b n p"], mask: Bool[Array, "b n"]) -> Encoded:
+    """Project flat patches to `width` ([, prepend the class token]) and run the positional Transformer."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = dense(self.width, (PATCH, EMBED), name="patch_embed", **kw)(patches.astype(self.dtype))
+    x = dense(self.width, (PATCH, EMBED), name="patch_embed", use_bias=self.patch_bias, **kw)(
+        patches.astype(self.dtype))
+    if self.cls_token:
+      cls = self.param("cls_token", logical(nn.initializers.normal(self.pos_std), (EMBED,)), (self.width,),
+                       self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (x.shape[0], 1, self.width)), x], axis=1)
+      mask = jnp.concatenate([jnp.ones((mask.shape[0], 1), bool), mask], axis=1)
     x = nn.with_logical_constraint(x, TOKENS)
     return PositionalTransformer(
-        patches.shape[1], self.depth, self.num_heads, self.mlp_dim, self.pos_std, attention=self.attention,
-        name="encoder", **kw
-    )(x, mask)
+        x.shape[1], self.depth, self.num_heads, self.mlp_dim, self.pos_std, attention=self.attention,
+        style=self.style, pre_norm=self.pre_norm, name="encoder", **kw
+    )(x, mask), mask
 
 
 class ImageEncoder(_Tower):
@@ -129,8 +145,7 @@ class ImageEncoder(_Tower):
       raise ValueError(f"image grid {images.shape[1:3]} (after a {len(self.stem)}-stage stem) is not divisible by "
                        f"patch {self.patch}")
     patches = einops.rearrange(images, "b (h ph) (w pw) c -> b (h w) (ph pw c)", ph=ph, pw=pw)
-    mask = jnp.ones(patches.shape[:2], bool)
-    return self.encode_patches(patches, mask), mask
+    return self.encode_patches(patches, jnp.ones(patches.shape[:2], bool))
 
 
 class VideoEncoder(_Tower):
@@ -151,8 +166,7 @@ class VideoEncoder(_Tower):
     patches = einops.rearrange(
         video, "b (f t) (h ph) (w pw) c -> b (f h w) (t ph pw c)", t=t, ph=ph, pw=pw
     )
-    mask = jnp.ones(patches.shape[:2], bool)
-    return self.encode_patches(patches, mask), mask
+    return self.encode_patches(patches, jnp.ones(patches.shape[:2], bool))
 
 
 def normalize_per_utterance(
@@ -195,12 +209,15 @@ class AudioEncoder(_Tower):
 
   @nn.compact
   def __call__(self, wave: Float[Array, "b t"], lengths: Int[Array, " b"]) -> Encoded:
-    patches, mask = self.features(wave, lengths)
-    return self.encode_patches(patches, mask), mask
+    return self.encode_patches(*self.features(wave, lengths))
 
 
 class TextEncoder(nn.Module):
-  """Token embedding (0 = padding) + learned positions -> Transformer with a key padding mask."""
+  """Token embedding + learned positions -> Transformer; `mask` says which keys each token sees (TEXT_MASKS).
+
+  "padding" hides id-0 keys and returns them as invalid tokens; "causal" (CLIP) and "none" (SigLIP) treat every
+  position as valid, as the reference models do (CLIP's id 0 is a real token, "!").
+  """
 
   vocab_size: int
   max_len: int
@@ -212,13 +229,21 @@ class TextEncoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"  # attention kernel (layers.ATTENTION_KERNELS)
+  style: Style = Style()  # MLP activation and LayerNorm numerics
+  mask: str = "padding"  # one of TEXT_MASKS
 
   @nn.compact
   def __call__(self, tokens: Int[Array, "b l"]) -> Encoded:
     if tokens.ndim != 2:
       raise ValueError(f"text tokens must be [B, L], got shape {tokens.shape}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mask = tokens != 0
+    mask = tokens != 0 if self.mask == "padding" else jnp.ones(tokens.shape, bool)
+    keys = mask
+    if self.mask == "causal":
+      length = tokens.shape[1]
+      keys = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (tokens.shape[0], length, length))
+    elif self.mask == "none":
+      keys = None
     x = nn.Embed(
         self.vocab_size,
         self.width,
@@ -228,5 +253,5 @@ class TextEncoder(nn.Module):
     )(tokens)
     x = nn.with_logical_constraint(x, TOKENS)
     x = PositionalTransformer(self.max_len, self.depth, self.num_heads, self.mlp_dim, self.pos_std,
-                              attention=self.attention, name="encoder", **kw)(x, mask)
+                              attention=self.attention, style=self.style, name="encoder", **kw)(x, keys)
     return x, mask

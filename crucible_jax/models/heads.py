@@ -2,15 +2,19 @@
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from crucible_jax.common_types import CLASSES, EMBED, JOINT, MLP
-from crucible_jax.models.layers import Dtype, Mlp, MultiHeadAttention, dense, layer_norm, logical
+from crucible_jax.models.layers import Dtype, Mlp, MultiHeadAttention, Style, dense, layer_norm, logical
 
 L2_EPS = 1e-12
 # O(1) queries: at ViT's usual 0.02 every slot attends uniformly at init, so the slots start (and for hundreds of
 # steps stay) alike; order-aware read-out needs them to look at different places from the first step.
 QUERY_INIT_STD = 1.0
+# <modality>.pool: how a tower's tokens become the vector JointProjection reads. "slots" is the QueryPool read-out
+# (flattened); "cls" token 0 (CLIP image); "map" one learned probe (SigLIP image); "mean" masked mean; "eot" the
+# position of the largest token id (CLIP's end-of-text); "last" the last position (SigLIP text).
+POOLS: tuple[str, ...] = ("slots", "cls", "map", "mean", "eot", "last")
 
 
 def masked_mean_pool(tokens: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b d"]:
@@ -33,12 +37,12 @@ class JointProjection(nn.Module):
   joint_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, pooled: Float[Array, "b d"]) -> Float[Array, "b j"]:
-    projected = dense(self.joint_dim, (EMBED, JOINT), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(
-        pooled
-    )
+    projected = dense(self.joint_dim, (EMBED, JOINT), dtype=self.dtype, param_dtype=self.param_dtype, name="proj",
+                      use_bias=self.use_bias)(pooled)
     return l2_normalize(projected)
 
 
@@ -111,3 +115,38 @@ class SlotAnswerHead(nn.Module):
     # no LN on the sum: it would divide out the magnitude that carries "how many" and "how much"
     answer = ClassifierHead(self.num_classes, hidden=self.hidden, normalize=False, name="answer", **kw)
     return answer(jnp.sum(message, axis=1))
+
+
+class TokenPool(nn.Module):
+  """One vector per sample from a tower's tokens, by `kind` (POOLS other than "slots")."""
+
+  kind: str
+  num_heads: int
+  mlp_dim: int
+  style: Style = Style()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Float[Array, "b n d"], mask: Bool[Array, "b n"],
+               ids: Int[Array, "b n"] | None = None) -> Float[Array, "b d"]:
+    if self.kind == "cls":
+      return tokens[:, 0]
+    if self.kind == "last":
+      return tokens[:, -1]
+    if self.kind == "mean":
+      return masked_mean_pool(tokens, mask)
+    if self.kind == "eot":
+      if ids is None:
+        raise ValueError("pool='eot' reads the token ids; this tower has none (use it on text)")
+      return jnp.take_along_axis(tokens, jnp.argmax(ids, axis=-1)[:, None, None], axis=1)[:, 0]
+    if self.kind == "map":  # SigLIP's MultiheadAttentionPoolingHead: attend, then x + mlp(LN(x))
+      kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+      width = tokens.shape[-1]
+      probe = self.param("probe", logical(nn.initializers.xavier_uniform(), (None, EMBED)), (1, width),
+                         self.param_dtype)
+      probe = jnp.broadcast_to(probe.astype(self.dtype), (tokens.shape[0], 1, width))
+      x = MultiHeadAttention(self.num_heads, name="attn", **kw)(probe, tokens, mask=mask)
+      x = x + Mlp(self.mlp_dim, act=self.style.act, name="mlp", **kw)(layer_norm(name="ln", style=self.style, **kw)(x))
+      return x[:, 0]
+    raise ValueError(f"pool {self.kind!r}: expected one of {POOLS[1:]}")

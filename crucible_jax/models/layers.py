@@ -1,6 +1,7 @@
 """Transformer building blocks; every param carries logical axis names so `parallel.rules` can shard it."""
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -42,9 +43,27 @@ def dense(
   )
 
 
-def layer_norm(*, dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu_tanh": nn.gelu,  # tanh approximation (Flax's default; big_vision, SigLIP)
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # erf (torch.nn.GELU; open_clip, HF CLIP non-OpenAI)
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # OpenAI CLIP
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+  """The numerics a pretrained tower fixes: MLP activation and LayerNorm epsilon and variance formula."""
+
+  act: str = "gelu_tanh"  # key of ACTIVATIONS
+  norm_eps: float = 1e-6
+  fast_variance: bool = True  # Flax's E[x²] - E[x]²; False = the two-pass variance torch computes
+
+
+def layer_norm(*, dtype: Dtype, param_dtype: Dtype, name: str | None = None, style: Style = Style()) -> nn.LayerNorm:
   """LayerNorm with ("norm",) scale and bias; statistics are computed in f32 by Flax."""
   return nn.LayerNorm(
+      epsilon=style.norm_eps,
+      use_fast_variance=style.fast_variance,
       dtype=dtype,
       param_dtype=param_dtype,
       scale_init=logical(nn.initializers.ones_init(), (NORM,)),
@@ -170,17 +189,18 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Position-wise gelu MLP: embed -> mlp -> embed."""
+  """Position-wise MLP (gelu by default): embed -> mlp -> embed."""
 
   hidden: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  act: str = "gelu_tanh"  # key of ACTIVATIONS
 
   @nn.compact
   def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.hidden, (EMBED, MLP), name="fc1", **kw)(x)
-    h = nn.gelu(h)
+    h = ACTIVATIONS[self.act](h)
     if h.ndim == 3:
       h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP))
     return dense(x.shape[-1], (MLP, EMBED), name="fc2", **kw)(h)
@@ -194,15 +214,16 @@ class TransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"  # MultiHeadAttention kernel
+  style: Style = Style()
 
   @nn.compact
   def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None = None) -> Float[Array, "b n d"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = layer_norm(name="ln_attn", **kw)(x)
+    h = layer_norm(name="ln_attn", style=self.style, **kw)(x)
     x = x + MultiHeadAttention(self.num_heads, kernel=self.attention, name="attn", **kw)(h, mask=mask)
     x = nn.with_logical_constraint(x, TOKENS)
-    h = layer_norm(name="ln_mlp", **kw)(x)
-    x = x + Mlp(self.mlp_dim, name="mlp", **kw)(h)
+    h = layer_norm(name="ln_mlp", style=self.style, **kw)(x)
+    x = x + Mlp(self.mlp_dim, name="mlp", act=self.style.act, **kw)(h)
     return nn.with_logical_constraint(x, TOKENS)
 
 
@@ -215,11 +236,13 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"  # MultiHeadAttention kernel
+  style: Style = Style()
 
   @nn.compact
   def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None = None) -> Float[Array, "b n d"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x.astype(self.dtype), TOKENS)
     for i in range(self.depth):
-      x = TransformerBlock(self.num_heads, self.mlp_dim, attention=self.attention, name=f"block_{i}", **kw)(x, mask)
-    return layer_norm(name="ln_final", **kw)(x)
+      x = TransformerBlock(self.num_heads, self.mlp_dim, attention=self.attention, style=self.style,
+                           name=f"block_{i}", **kw)(x, mask)
+    return layer_norm(name="ln_final", style=self.style, **kw)(x)

@@ -203,7 +203,8 @@ class Checkpointer:
     return abstract_state.replace(**restored["state"])
 
   def restore_params(self, global_step: int, abstract_params: Any, iterator: grain.DatasetIterator) -> Any:
-    """Only the saved params that the model still has (same path and shape), on `abstract_params`' shardings.
+    """Only the saved params that the model still has (same path and shape), on `abstract_params`' shardings; what
+    is dropped or left to initialisation is printed.
 
     For a finished stage whose successor changed the model (e.g. added decoders): the next stage's handoff fills
     the params the checkpoint lacks from their initialisation. Rewinds `iterator` in place.
@@ -217,6 +218,12 @@ class Checkpointer:
       wanted = flax.traverse_util.flatten_dict(abstract_params, sep="/")
       target = {key: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for key, x in wanted.items()
                 if key in saved and tuple(saved[key].shape) == tuple(x.shape)}
+      dropped = sorted(k for k in saved if k not in target)
+      fresh = sorted(k for k in wanted if k not in target)
+      if dropped or fresh:  # a model that changed between stages: say so, never silently
+        print(f"restoring step {global_step}: {len(dropped)} saved params not in this model (or of another shape) "
+              f"are dropped {dropped[:8]}; {len(fresh)} model params absent from the checkpoint start from their "
+              f"initialisation {fresh[:8]}", file=sys.stderr)
       target = {"params": flax.traverse_util.unflatten_dict(target, sep="/")}
       with ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(path, args=ocp.args.PyTreeRestore(

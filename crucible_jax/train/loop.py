@@ -21,7 +21,7 @@ from crucible_jax.data.verify import check_splits
 from crucible_jax.eval import plots
 from crucible_jax.eval.evaluators import build_evaluators
 from crucible_jax.parallel.distributed import any_process, fault_point
-from crucible_jax.train import curriculum, stages as stages_lib
+from crucible_jax.train import curriculum, init_from, stages as stages_lib
 from crucible_jax.train.checkpoint import Checkpointer
 from crucible_jax.train.evaluate import evaluate_split, global_host_view
 from crucible_jax.train.hooks import HookEntry, MetricSink, Progress, StepInfo, scalars_of
@@ -129,6 +129,8 @@ class Trainer:
       print(f"resumed stage {plan.name!r} at step {int(state.step)} (global {latest})", file=sys.stderr)
     else:
       fresh = self.experiment.init_params(jax.random.fold_in(self._base_rng, 1000 + plan.index))
+      if previous_params is None and self.config.get("init_from"):  # the run's first step: start from a source
+        fresh = init_from.apply(self.config, fresh, self.experiment.param_shardings, self.workdir)
       params = fresh if previous_params is None else stages_lib.handoff(previous_params, fresh, tuple(plan.cfg.carry))
       state = self.experiment.new_state(make, shardings, params)
     stage_step = int(state.step)

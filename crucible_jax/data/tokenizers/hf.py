@@ -4,6 +4,7 @@ import os
 from typing import Any, Sequence
 
 import numpy as np
+import tokenizers
 
 from crucible_jax.data.tokenizers.base import Tokenizer
 
@@ -19,10 +20,6 @@ class HFTokenizer(Tokenizer):
 
   def __init__(self, path: str, max_len: int):
     super().__init__(max_len)
-    try:
-      import tokenizers  # pylint: disable=g-import-not-at-top  (optional dependency, loaded where used)
-    except ImportError as error:
-      raise ImportError("Hugging Face tokenizers need `pip install crucible_jax[text]`") from error
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer.json not found: {path}")
     self.path = path

@@ -5,23 +5,15 @@ import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import sentencepiece
 
 from crucible_jax.data.tokenizers.base import Tokenizer
 
 TRAIN_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3)  # ids `train` gives the specials (0 = padding)
 
 
-def _sentencepiece() -> Any:
-  """The optional `sentencepiece` module, or an ImportError saying how to install it."""
-  try:
-    import sentencepiece  # pylint: disable=g-import-not-at-top  (optional dependency, loaded where used)
-  except ImportError as error:
-    raise ImportError("SentencePiece tokenizers need `pip install crucible_jax[text]`") from error
-  return sentencepiece
-
-
 def _processor(model: bytes) -> Any:
-  return _sentencepiece().SentencePieceProcessor(model_proto=model)
+  return sentencepiece.SentencePieceProcessor(model_proto=model)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -64,7 +56,6 @@ def train(texts: Iterable[str], vocab_size: int, out: str, *, model_type: str = 
           byte_fallback: bool = False) -> SentencePieceTokenizer:
   """Train a SentencePiece model of at most `vocab_size` pieces on `texts` (fewer when the texts hold fewer),
   write it to `out`, and load it. `byte_fallback`: unseen characters become UTF-8 byte pieces (256 of them)."""
-  sentencepiece = _sentencepiece()
   texts = [t for t in texts if t.strip()]
   if not texts:
     raise ValueError("no non-empty texts to train a tokenizer on")
