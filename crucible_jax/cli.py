@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+from crucible_jax.serve import commands as serve_commands  # stdlib only
+
 BENCH_KINDS = ("step", "data", "routing", "comm", "scaling")
 
 
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
   from crucible_jax.generate import add_parser as add_generate_parser  # numpy only: keeps --help instant
   add_generate_parser(sub)
+  serve_commands.add_parsers(sub)
 
   prepare = sub.add_parser("prepare", help="build a dataset into the data directory")
   prepare.add_argument("dataset", choices=("digit_world",))
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"crucible: config error: {e}", file=sys.stderr)
     return 2
-  command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate}[args.command]
+  command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate,
+             **dict.fromkeys(serve_commands.COMMANDS, serve_commands.run)}[args.command]
   return command(args, config)
 
 
