@@ -1,5 +1,6 @@
 """`crucible export`: each encoder, the fusion and the heads as separate `jax.export` artifacts with a manifest.
 
+Beside them: `manifest.json` and `config.json` (the model's resolved config, which indexing a data source reads).
 Every artifact takes `(params, inputs)`: params a flat dict ("a/b/c" keys, saved beside it as .npz), inputs a dict
 of arrays whose leading (batch) dimension is symbolic. Encoders return the normalised joint embedding and the pooled
 features the fusion reads; `fusion` maps pooled features and presence flags to the fused vector and its weights;
@@ -19,7 +20,7 @@ import numpy as np
 
 from crucible_jax.common_types import AUDIO, present_key
 from crucible_jax.data.schema import BATCH_SCHEMA, example_batch
-from crucible_jax.inference import InferenceModel, load
+from crucible_jax.inference import CONFIG_FILE, InferenceModel, load
 from crucible_jax.serve.artifact import FORMAT_VERSION, MANIFEST
 
 SHARED_PARAMS = ("logit_scale", "logit_bias")  # created in the model's setup: every apply needs them
@@ -137,6 +138,7 @@ def export_model(model: InferenceModel, out: str | pathlib.Path, platforms: tupl
               "max_digits": int(model.config.data.max_digits), "preprocessing": preprocessing(model.config),
               "artifacts": artifacts}
   (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+  (out / CONFIG_FILE).write_text(model.config.to_json_best_effort(indent=2, sort_keys=True))  # for data sources
   return out
 
 
