@@ -2,7 +2,8 @@
 
 Endpoints: `POST /search` (multipart: `text`, `file`, `vector`, `targets`, `k`, `deadline_ms`; or the same keys as
 JSON), `GET /items/{id}` (the item's PNG/WAV/GIF/text), `GET /health`, `GET /metrics` (Prometheus), `GET /` (the
-web page). A bearer token, when set, guards everything but `/health` (header, or `?token=` for the page).
+web page). A bearer token, when set, guards everything but `/health` and the page's static JS/CSS (header, or
+`?token=` for the page, whose script then sends the header).
 """
 
 import asyncio
@@ -35,6 +36,7 @@ from crucible_jax.serve.scheduler import Dropped, Scheduler
 from crucible_jax.serve.store import Index
 
 STATIC = pathlib.Path(__file__).parent / "static"
+OPEN_PATHS = ("/health", "/static/")  # the page's JS/CSS are the package's files, no data: a browser loads them bare
 DEFAULT_PRIORITIES = {"text": 3, "image": 2, "audio": 1, "video": 0}  # cheapest encoders first
 
 
@@ -59,13 +61,13 @@ class HTTPError(Exception):
 
 
 class BearerAuth:
-  """ASGI middleware: 401 unless `Authorization: Bearer TOKEN` (or `?token=TOKEN`); `/health` is open."""
+  """ASGI middleware: 401 unless `Authorization: Bearer TOKEN` (or `?token=TOKEN`), except on OPEN_PATHS."""
 
   def __init__(self, app: Any, token: str | None):
     self.app, self.token = app, token
 
   async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-    if scope["type"] == "http" and self.token and scope["path"] != "/health":
+    if scope["type"] == "http" and self.token and not scope["path"].startswith(OPEN_PATHS):
       header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
       query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [""])[0]
       given = header[7:] if header.startswith("Bearer ") else query
