@@ -8,7 +8,7 @@ import sys
 
 from crucible_jax.serve import commands as serve_commands  # stdlib only
 
-BENCH_KINDS = ("step", "data", "routing", "comm", "scaling")
+BENCH_KINDS = ("step", "data", "routing", "comm", "scaling", "search")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
 
   bench = sub.add_parser("bench", help="run a benchmark and write one JSON object")
   bench.add_argument("kind", choices=BENCH_KINDS)
-  with_config(bench)
+  bench.add_argument("--config", help="experiments/NAME.py[:ARG] (every kind but search)")
+  bench.add_argument("--workdir", help="trained run to benchmark (search)")
   bench.add_argument("--json", required=True, help="output JSON path")
 
   from crucible_jax.generate import add_parser as add_generate_parser  # numpy only: keeps --help instant
@@ -109,8 +110,12 @@ def _eval(args, config) -> int:
 
 
 def _bench(args, config) -> int:
+  if (args.kind == "search") != (args.workdir is not None) or (args.kind != "search") != (config is not None):
+    print(f"crucible: error: bench {args.kind} takes {'--workdir' if args.kind == 'search' else '--config'} only",
+          file=sys.stderr)
+    return 2
   module = importlib.import_module(f"crucible_jax.bench.{args.kind}")
-  report = module.run(config)
+  report = module.run_workdir(args.workdir) if args.kind == "search" else module.run(config)
   out = pathlib.Path(args.json)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2, sort_keys=True))
