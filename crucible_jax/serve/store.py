@@ -120,10 +120,10 @@ class Index:
     import faiss  # deferred: exact search and opening an index do not need it
     if modality not in self._approximate:
       ids, vectors = self._rows(modality)
-      nlist = int(min(4 * math.sqrt(len(ids)), len(ids) // 39))  # faiss wants >= 39 training points per list
+      nlist = max(1, int(math.sqrt(len(ids))))  # sqrt(n) lists: 1,000 for a million vectors
       quantizer = faiss.IndexFlatIP(self.dim)
       index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-      sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: 256 * nlist]]
+      sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: 64 * nlist]]  # k-means on a sample
       index.train(sample)
       index.add(vectors)
       self._approximate[modality] = (index, quantizer)
