@@ -1,4 +1,5 @@
-"""`crucible train | eval | config | bench | prepare | generate | tokenizer | convert | embed`: the command line."""
+"""`crucible train | eval | config | bench | prepare | generate | tokenizer | convert | embed | export | index | serve
+| client`: the command line over experiment files."""
 
 import argparse
 import importlib
@@ -9,8 +10,9 @@ import sys
 import traceback
 
 from crucible_jax import config_cli, tokenizer_cli
+from crucible_jax.serve import commands as serve_commands  # stdlib only
 
-BENCH_KINDS = ("step", "data", "routing", "comm", "scaling")
+BENCH_KINDS = ("step", "data", "routing", "comm", "scaling", "search")
 CONFIG_HELP = """\
 --config FILE.py[:ARG]   an experiment file's get_config(ARG); ARG picks variants, e.g.
                          experiments/digit_world.py:tiny or experiments/own_data.py:tiny
@@ -48,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
   bench = sub.add_parser("bench", help="run a benchmark and write one JSON object")
   bench.add_argument("kind", choices=BENCH_KINDS)
-  with_config(bench)
+  bench.add_argument("--config", help="experiments/NAME.py[:ARG] (every kind but search)")
+  bench.add_argument("--workdir", help="trained run to benchmark (search)")
   bench.add_argument("--json", required=True, help="output JSON path")
 
   from crucible_jax.generate import add_parser as add_generate_parser  # numpy only: keeps --help instant
@@ -58,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
   from crucible_jax import convert, embed  # numpy only
   convert.add_parser(sub)
   embed.add_parser(sub)
+  serve_commands.add_parsers(sub)
 
   prepare = sub.add_parser("prepare", help="build a dataset into the data directory")
   prepare.add_argument("dataset", choices=("digit_world",))
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     return _config_error(e)
   command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate,
              "config": config_cli.run, "tokenizer": tokenizer_cli.run, "convert": _lazy("convert"),
-             "embed": _lazy("embed")}[args.command]
+             "embed": _lazy("embed"), **dict.fromkeys(serve_commands.COMMANDS, serve_commands.run)}[args.command]
   _route_library_logs(args.verbose)
   try:
     return command(args, config)
@@ -207,8 +211,12 @@ def _eval(args, config) -> int:
 
 
 def _bench(args, config) -> int:
+  if (args.kind == "search") != (args.workdir is not None) or (args.kind != "search") != (config is not None):
+    print(f"crucible: error: bench {args.kind} takes {'--workdir' if args.kind == 'search' else '--config'} only",
+          file=sys.stderr)
+    return 2
   module = importlib.import_module(f"crucible_jax.bench.{args.kind}")
-  report = module.run(config)
+  report = module.run_workdir(args.workdir) if args.kind == "search" else module.run(config)
   out = pathlib.Path(args.json)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2, sort_keys=True))
