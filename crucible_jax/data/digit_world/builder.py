@@ -8,6 +8,7 @@ import dataclasses
 import fcntl
 import os
 import pathlib
+import types
 from typing import Any, Iterator
 
 import ml_collections
@@ -165,9 +166,9 @@ def _pad(digits: list[int], length: int) -> np.ndarray:
   return out
 
 
-def data_dir_of(data_cfg: ml_collections.ConfigDict) -> str:
+def data_dir_of(data_cfg: ml_collections.ConfigDict | types.SimpleNamespace) -> str:
   """Where datasets live: `data_cfg.data_dir`, else `$CRUCIBLE_DATA_DIR`, else `~/.cache/crucible_jax`."""
-  chosen = data_cfg.get("data_dir") or os.environ.get("CRUCIBLE_DATA_DIR") or "~/.cache/crucible_jax"
+  chosen = getattr(data_cfg, "data_dir", None) or os.environ.get("CRUCIBLE_DATA_DIR") or "~/.cache/crucible_jax"
   return os.path.expanduser(chosen)
 
 
@@ -183,9 +184,9 @@ def builder_config_of(data_cfg: ml_collections.ConfigDict) -> DigitWorldConfig |
   return config.name if config.name == _DEFAULT_CONFIG.name else config
 
 
-def synthetic_voices_of(data_cfg: ml_collections.ConfigDict) -> tuple[int, float]:
+def synthetic_voices_of(data_cfg: ml_collections.ConfigDict | types.SimpleNamespace) -> tuple[int, float]:
   """(voice count, train share) from `data.synthetic_voices` / `data.synthetic_share`, validated; absent = (0, 0)."""
-  count, share = data_cfg.get("synthetic_voices", 0), data_cfg.get("synthetic_share", 0.0)
+  count, share = getattr(data_cfg, "synthetic_voices", 0), getattr(data_cfg, "synthetic_share", 0.0)
   if isinstance(count, bool) or not isinstance(count, int) or count < 0:
     raise ValueError(f"data.synthetic_voices={count!r} must be a count >= 0")
   if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
@@ -195,7 +196,7 @@ def synthetic_voices_of(data_cfg: ml_collections.ConfigDict) -> tuple[int, float
   return count, float(share) if count else 0.0
 
 
-def voice_bank_of(data_cfg: ml_collections.ConfigDict) -> tuple[str, int] | None:
+def voice_bank_of(data_cfg: ml_collections.ConfigDict | types.SimpleNamespace) -> tuple[str, int] | None:
   """(path, voice count) of the synthetic voice bank `data_cfg` trains with; None without synthetic voices."""
   count, _ = synthetic_voices_of(data_cfg)
   return (str(voices.bank_path(data_dir_of(data_cfg), count, int(data_cfg.seed))), count) if count else None
