@@ -279,7 +279,8 @@ def speak(
   draws = rng.random(2 + 2 * count)  # speed, utterance gain, then per digit: clip gain, gap before it
   speed_step = min(int(draws[0] * SPEED_STEPS), SPEED_STEPS - 1)
   if speaker >= len(SPEAKERS) and bank is None:
-    raise ValueError(f"speaker {speaker} is a synthetic voice (past the {len(SPEAKERS)} real ones) but no bank was given")
+    raise ValueError(f"speaker {speaker} is a synthetic voice (past the {len(SPEAKERS)} real ones) "
+                     "but no bank was given")
   bank_args = bank if speaker >= len(SPEAKERS) else (None, 0)
   pieces = [spoken_clip(sample_rate, speaker, int(d), speed_step, *bank_args) for d in digits]
   speech = sum(len(clip) for clip, _ in pieces)
