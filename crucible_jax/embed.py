@@ -49,8 +49,8 @@ def _inputs(model: Any, root: pathlib.Path, args: argparse.Namespace) -> dict[st
       from crucible_jax.interop.tokenizers import from_spec  # pylint: disable=g-import-not-at-top
       ids = from_spec(pretrained.tokenizer, root).encode(args.texts)
     else:
-      from crucible_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-      ids = np.stack([tokenizer.encode(t, int(config.data.text_len)) for t in args.texts])
+      from crucible_jax.data.tokenizers import tokenizer_of  # pylint: disable=g-import-not-at-top
+      ids = np.stack([tokenizer_of(config.data).encode(t) for t in args.texts])
     out["text"] = {"text": ids}
   if args.audio:
     from crucible_jax.generate import read_audio  # pylint: disable=g-import-not-at-top

@@ -14,7 +14,8 @@ from crucible_jax.models import default_model_config
 from crucible_jax.train.curriculum import default_curriculum_config
 from crucible_jax.train.stages import as_single_stage
 
-VARIANTS = ("tiny", "corrupted", "imbalanced", "single_stage", "no_cross_attention", "routed", "generate")
+VARIANTS = ("tiny", "corrupted", "imbalanced", "single_stage", "no_cross_attention", "routed", "generate", "voices",
+            "augment")
 PAIRS = (("image", "text"), ("text", "image"), ("audio", "image"), ("image", "audio"), ("video", "text"),
          ("text", "video"), ("audio", "text"))
 
@@ -77,6 +78,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
   c.evals = dict(retrieval=dict(pairs=PAIRS), vqa={}, tagging={}, asr={}, fused={})
   c.eval_splits = ("test", "test_heldout_speaker")  # splits evaluated at the end → results.json
+  if "voices" in variants:
+    c.data.synthetic_voices = 64  # eSpeak NG voices (en/es/fr/cmn, variants, pitch, rate, intonation)
+    c.data.synthetic_share = 0.75  # of train samples; the two real training voices speak the rest
+  if "augment" in variants:
+    c.model.audio.augment.enabled = True  # speed, noise, gain and SpecAugment on device, in training only
   if "tiny" in variants:
     _make_tiny(c)
   if "corrupted" in variants:

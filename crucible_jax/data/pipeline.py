@@ -50,6 +50,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.tokenizer = default_tokenizer_config()  # captions and questions: byte | sentencepiece | hf
   cfg.extra_questions = 0  # more random VQA questions per sample (keys extra_questions/extra_answers); 0 = none
   cfg.heldout_speaker = "fr_CA_f_June"  # voice kept out of train/val/test, used only by test_heldout_speaker
+  cfg.synthetic_voices = 0  # eSpeak NG voices synthesised at prepare time for the train split (0 = real voices only)
+  cfg.synthetic_share = 0.0  # fraction of train samples spoken by a synthetic voice (needs synthetic_voices > 0)
   cfg.num_workers = 0  # grain worker processes rendering samples (0 = in the main process)
   cfg.prefetch_buffer = 2  # batches prefetched per process / per worker
   cfg.skip_bad_records = False  # a record that fails to render becomes a weight-0 padding sample, not an error

@@ -13,7 +13,7 @@ from crucible_jax.models.crucible import (ALL_HEADS, DTYPES, VQA_READERS, Crucib
 from crucible_jax.models.encoders import TEXT_MASKS
 from crucible_jax.models.heads import POOLS
 from crucible_jax.models.layers import ACTIVATIONS, ATTENTION_KERNELS, Dtype, Style
-from crucible_jax.models.melspec import num_frames
+from crucible_jax.models.melspec import audio_augment_spec, num_frames
 from crucible_jax.models.router import routing_spec
 
 
@@ -166,7 +166,9 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
       vqa_hidden=_positive(cfg, "heads.vqa_hidden"), vqa_reader=_choice(cfg, "heads.vqa_reader", VQA_READERS),
       num_tags=_positive(cfg, "heads.num_tags"),
       dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),
-      routing=routing_spec(cfg.get("routing"), modalities), balance=balance_lib.balance_spec(cfg.get("balance")),
+      routing=routing_spec(cfg.get("routing"), modalities),
+      balance=balance_lib.balance_spec(cfg.get("balance")),
+      audio_augment=audio_augment_spec(cfg.audio.get("augment")) if AUDIO in modalities else None,
       converter=converter_lib.converter_spec(cfg.get("converter"), modalities, tuple(_get(cfg, "image.size")),
                                              _get(cfg, "image.channels"), _positive(cfg, "heads.max_digits")),
       heads=heads,

@@ -18,6 +18,7 @@ from crucible_jax.models.fusion import AdaptiveFusion
 from crucible_jax.models.heads import (ClassifierHead, JointProjection, QueryPool, SlotAnswerHead, TokenPool,
                                        masked_mean_pool)
 from crucible_jax.models.layers import Dtype, Style, logical
+from crucible_jax.models.melspec import AudioAugment
 from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode
 
 ALL_HEADS: tuple[str, ...] = ("embed", "pretrain", "vqa", "tagging", "asr", "fused", *converter_lib.CONVERTER_HEADS)
@@ -85,6 +86,7 @@ class ModelConfig:
   balance: balance_lib.BalanceSpec = balance_lib.BalanceSpec()  # gradient balancing before fusion (OGM-GE)
   converter: converter_lib.ConverterSpec | None = None  # caption/image decoders (cross-modal generation); None = off
   heads: tuple[str, ...] | None = None  # heads this model has (a converted CLIP: ("embed",)); None = ALL_HEADS
+  audio_augment: AudioAugment | None = None  # train-time audio augmentation; None = off
 
   def tower(self, modality: str) -> TowerSpec:
     """The encoder spec of an active modality."""
@@ -163,7 +165,7 @@ class CrucibleModel(nn.Module):
     if modality == VIDEO:
       return enc.VideoEncoder(tubelet=c.video_tubelet, **kw)
     if modality == AUDIO:
-      return enc.AudioEncoder(**dict(c.audio_frontend), **kw)
+      return enc.AudioEncoder(**dict(c.audio_frontend), augment=c.audio_augment, **kw)
     vocab_size, max_len = c.text_vocab
     return enc.TextEncoder(vocab_size=vocab_size, max_len=max_len, mask=spec.text_mask, **kw)
 
@@ -183,7 +185,7 @@ class CrucibleModel(nn.Module):
       if m not in self.encoders:
         raise ValueError(f"modality {m!r} is not active; cfg.modalities = {self.config.modalities}")
       if m == AUDIO:
-        inputs, encode_fn = (_require(batch, AUDIO), _require(batch, "audio_len")), lambda x: self.encoders[AUDIO](*x)
+        inputs, encode_fn = (_require(batch, AUDIO), _require(batch, "audio_len")), lambda x: self.encoders[AUDIO](*x, train=train)
       else:
         inputs, encode_fn = _require(batch, m), self.encoders[m]
       tokens, mask = encode_fn(inputs) if plan is None else routed_encode(encode_fn, inputs, plan[m])

@@ -64,6 +64,15 @@ def default_model_config() -> ml_collections.ConfigDict:
   audio.stem_convs = 1  # 3x3 conv + gelu layers per stem stage, before its 2x2 max-pool
   audio.pos_std = 0.02  # init std of the learned positional embedding (token features are ~unit scale)
   pretrained_tower_fields(audio)
+  audio.augment = augment = ml_collections.ConfigDict()  # train-time augmentation on device (eval never augments)
+  augment.enabled = False  # master switch; the fields below apply only when True
+  augment.speed = (0.9, 1.1)  # speed perturbation: resampling factor range (> 1 faster, higher)
+  augment.snr_db = (10.0, 40.0)  # additive white noise, SNR range in dB of the speech; None = no noise
+  augment.gain_db = (-6.0, 6.0)  # loudness change range, dB
+  augment.time_masks = 2  # SpecAugment time masks per utterance
+  augment.time_mask_frames = 10  # widest time mask, log-mel frames (hop-long each)
+  augment.freq_masks = 2  # SpecAugment frequency masks per utterance
+  augment.freq_mask_bins = 4  # widest frequency mask, mel bins
 
   cfg.text = text = ml_collections.ConfigDict()
   text.vocab_size = byte.VOCAB_SIZE  # token ids, 0 = padding; raised to data.tokenizer's when a config loads

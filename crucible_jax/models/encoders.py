@@ -2,13 +2,14 @@
 
 import einops
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from crucible_jax.common_types import EMBED, LENGTH, PATCH, VOCAB
 from crucible_jax.models.layers import (TOKENS, Dtype, Style, Transformer, default_kernel_init, dense, layer_norm,
                                         logical)
-from crucible_jax.models.melspec import log_mel_spectrogram
+from crucible_jax.models.melspec import AudioAugment, log_mel_spectrogram, perturb_waveform, spec_augment_keep
 
 Encoded = tuple[Float[Array, "b n d"], Bool[Array, "b n"]]
 NORM_EPS = 1e-5
@@ -188,15 +189,24 @@ class AudioEncoder(_Tower):
   hop: int = 160
   n_mels: int = 32
   patch_frames: int = 4
+  augment: AudioAugment | None = None  # train-time waveform and SpecAugment perturbation; None = off
 
   def features(
-      self, wave: Float[Array, "b t"], lengths: Int[Array, " b"]
+      self, wave: Float[Array, "b t"], lengths: Int[Array, " b"], train: bool = False
   ) -> tuple[Float[Array, "b n p"], Bool[Array, "b n"]]:
-    """Flat log-mel patches and their mask; a token is valid when its first frame is."""
+    """Flat log-mel patches and their mask; a token is valid when its first frame is. Augmented iff `train`."""
+    augmenting = train and self.augment is not None
+    if augmenting:
+      if not self.has_rng("dropout"):
+        raise ValueError("audio augmentation in training needs the 'dropout' rng")
+      wave_rng, mask_rng = jax.random.split(self.make_rng("dropout"))
+      wave, lengths = perturb_waveform(wave_rng, wave, lengths, self.augment)
     log_mel, frame_mask = log_mel_spectrogram(
         wave, lengths, sample_rate=self.sample_rate, n_fft=self.n_fft, hop=self.hop, n_mels=self.n_mels
     )
     log_mel = normalize_per_utterance(log_mel, frame_mask)
+    if augmenting:  # after normalising, a masked bin reads as the utterance's mean
+      log_mel = jnp.where(spec_augment_keep(mask_rng, frame_mask, self.n_mels, self.augment), log_mel, 0.0)
     if self.stem:  # the spectrogram as a one-channel (time x mel) image; a pooled frame is valid if its first is
       log_mel = einops.rearrange(self.apply_stem(log_mel[..., None]), "b f m c -> b f (m c)")
       frame_mask = frame_mask[:, :: 2 ** len(self.stem)][:, : log_mel.shape[1]]
@@ -208,8 +218,8 @@ class AudioEncoder(_Tower):
     return patches, frame_mask[:, :usable:self.patch_frames]
 
   @nn.compact
-  def __call__(self, wave: Float[Array, "b t"], lengths: Int[Array, " b"]) -> Encoded:
-    return self.encode_patches(*self.features(wave, lengths))
+  def __call__(self, wave: Float[Array, "b t"], lengths: Int[Array, " b"], train: bool = False) -> Encoded:
+    return self.encode_patches(*self.features(wave, lengths, train))
 
 
 class TextEncoder(nn.Module):

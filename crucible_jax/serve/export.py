@@ -103,8 +103,8 @@ def preprocessing(config: Any) -> dict[str, Any]:
                 "range": [0.0, 1.0]},
       "audio": {"sample_rate": int(data["sample_rate"]), "samples": int(round(data["audio_seconds"] * data["sample_rate"])),
                 "mono": True, "range": [-1.0, 1.0]},
-      "text": {"tokenizer": "utf8_bytes", "max_len": int(data["text_len"]), "pad": 0, "byte_offset": 1,
-               "bos": None, "eos": None},
+      "text": {"tokenizer": dict(config.data.get("tokenizer") or {"kind": "byte", "path": None}),
+               "max_len": int(data["text_len"]), "pad": 0},
   }
 
 

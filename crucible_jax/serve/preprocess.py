@@ -2,8 +2,10 @@
 
 One module on purpose: a general per-modality preprocessing library can replace it behind `to_inputs`.
 Images are grayscale (or RGB for 3 channels) in [0, 1], bilinearly resized; audio is mixed to mono, resampled
-linearly and cut or zero-padded; video is an animated GIF (or a .npy [F, H, W(, C)] in [0, 1]) with frames resized
-and repeated or cut to the frame count; text is UTF-8 bytes as tokens (crucible_jax.data.tokenizer).
+(polyphase, anti-aliased) and cut or zero-padded; video is an animated GIF (or a .npy [F, H, W(, C)] in [0, 1]) with
+frames resized
+and repeated or cut to the frame count; text goes through the tokenizer the manifest names
+(crucible_jax.data.tokenizers).
 """
 
 import io
@@ -13,8 +15,8 @@ import numpy as np
 import soundfile
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from crucible_jax.data import tokenizer
-from crucible_jax.data.audio import resample_linear
+from crucible_jax.data.tokenizers import build_tokenizer
+from crucible_jax.data.own.preprocess import resample
 
 MAGIC = ((b"\x89PNG", "image"), (b"\xff\xd8\xff", "image"), (b"BM", "image"), (b"RIFF", "audio"), (b"fLaC", "audio"),
          (b"OggS", "audio"), (b"\x93NUMPY", "video"), (b"GIF8", None))  # None: GIF, image or video by frame count
@@ -68,7 +70,7 @@ def audio_inputs(data: bytes, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
   if not len(waveform):
     raise InputError("the audio has no samples", 422)
   if rate != spec["sample_rate"]:
-    waveform = resample_linear(waveform, rate / float(spec["sample_rate"]))
+    waveform = resample(waveform, int(rate), int(spec["sample_rate"]))
   length = min(len(waveform), spec["samples"])
   audio = np.zeros((1, spec["samples"]), np.float32)
   audio[0, :length] = waveform[:length]
@@ -99,7 +101,8 @@ def text_inputs(text: str, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
   if not text.strip():
     raise InputError("empty text query")
   try:
-    return {"text": tokenizer.encode(text, spec["max_len"])[None]}
+    tokenizer = build_tokenizer(spec["tokenizer"]["kind"], spec["tokenizer"].get("path"), spec["max_len"])
+    return {"text": tokenizer.encode(text)[None]}
   except ValueError as e:
     raise InputError(str(e)) from e
 

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 
 from crucible_jax.common_types import MODALITIES, present_key
-from crucible_jax.data import tokenizer
+from crucible_jax.data.tokenizers import tokenizer_of
 from crucible_jax.serve import media
 from crucible_jax.serve.export import input_keys
 
@@ -16,7 +16,7 @@ SOURCES = ("digit_world:<split>",)
 def _payload(modality: str, sample: dict[str, np.ndarray], data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   """The record fields of one sample's item of `modality`: its text, or its payload as a browser file."""
   if modality == "text":
-    return {"text": tokenizer.decode(sample["text"]), "mime": media.MIME["text"]}
+    return {"text": tokenizer_of(data_cfg).decode(sample["text"]), "mime": media.MIME["text"]}
   if modality == "image":
     payload = media.png(sample["image"])
   elif modality == "audio":

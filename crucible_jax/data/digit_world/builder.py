@@ -8,6 +8,7 @@ import dataclasses
 import fcntl
 import os
 import pathlib
+import types
 from typing import Any, Iterator
 
 import ml_collections
@@ -15,7 +16,7 @@ from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
-from crucible_jax.data.digit_world import templates
+from crucible_jax.data.digit_world import templates, voices
 from crucible_jax.data.digit_world.draw import SPEAKERS, handwritten_image_splits
 
 SPLITS = ("train", "val", "test", "test_heldout_speaker")
@@ -35,27 +36,34 @@ class DigitWorldConfig(tfds.core.BuilderConfig):
   max_digits: int = 4
   seed: int = 0
   heldout_speaker: str = "fr_CA_f_June"
+  synthetic_voices: int = 0  # eSpeak NG voices (voices.voice_table) speaking train samples beside the real ones
+  synthetic_share: float = 0.0  # fraction of train samples spoken by a synthetic voice
 
 
-def _config_name(sizes: tuple[int, int, int, int], max_digits: int, seed: int, heldout_speaker: str) -> str:
-  return f"n{'-'.join(map(str, sizes))}_d{max_digits}_s{seed}_h{heldout_speaker}"
+def _config_name(sizes: tuple[int, int, int, int], max_digits: int, seed: int, heldout_speaker: str,
+                 synthetic_voices: int, synthetic_share: float) -> str:
+  return (f"n{'-'.join(map(str, sizes))}_d{max_digits}_s{seed}_h{heldout_speaker}"
+          f"_v{synthetic_voices}x{synthetic_share:g}")
 
 
 def _make_config(**fields: Any) -> DigitWorldConfig:
   sizes = tuple(fields[_SPLIT_SIZE_KEYS[s]] for s in SPLITS)
-  name = _config_name(sizes, fields["max_digits"], fields["seed"], fields["heldout_speaker"])
+  name = _config_name(sizes, fields["max_digits"], fields["seed"], fields["heldout_speaker"],
+                      fields["synthetic_voices"], fields["synthetic_share"])
   return DigitWorldConfig(name=name, description="DigitWorld recipes", **fields)
 
 
 _DEFAULT_CONFIG = _make_config(train_size=20000, val_size=2000, test_size=2000, heldout_size=2000,
-                               max_digits=4, seed=0, heldout_speaker="fr_CA_f_June")
+                               max_digits=4, seed=0, heldout_speaker="fr_CA_f_June", synthetic_voices=0,
+                               synthetic_share=0.0)
 
 
 class DigitWorld(tfds.core.GeneratorBasedBuilder):
   """Digit strings shown (handwriting), spoken (three speakers), written (EN/ZH captions) and animated."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Recipes: digits, handwritten image ids+pixels, speaker, template, question, seed."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Recipes: digits, handwritten image ids+pixels, speaker, template, question, seed.",
+                   "1.1.0": "Synthetic eSpeak NG voices (speaker >= len(SPEAKERS)) in train."}
   BUILDER_CONFIGS = [_DEFAULT_CONFIG]
   # Metadata (README/CITATIONS) lives next to this file; set, not inferred, so it works in any install layout.
   pkg_dir_path = epath.Path(__file__).parent
@@ -80,7 +88,7 @@ class DigitWorld(tfds.core.GeneratorBasedBuilder):
                                            doc="index into sklearn load_digits per digit, -1 = padding"),
             "image_pixels": features.Tensor(shape=(max_digits, 8, 8), dtype=np.uint8,
                                             doc="the handwritten 8x8 images, values 0..16"),
-            "speaker": features.Scalar(np.int32, doc="index into draw.SPEAKERS"),
+            "speaker": features.Scalar(np.int32, doc="index into draw.SPEAKERS, then into the synthetic voices"),
             "template": features.Scalar(np.int32, doc="index into templates.CAPTION_TEMPLATES"),
             "question_type": features.Scalar(np.int32, doc="index into templates.QUESTION_TYPES"),
             "question_param": features.Scalar(np.int32, doc="position (nth_digit) or digit (contains)"),
@@ -113,6 +121,12 @@ class DigitWorld(tfds.core.GeneratorBasedBuilder):
     heldout = SPEAKERS.index(cfg.heldout_speaker)
     speakers = [heldout] if split == "test_heldout_speaker" else [i for i in range(len(SPEAKERS)) if i != heldout]
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split)])
+    synthetic = cfg.synthetic_voices if split == "train" else 0  # val/test/held-out hear real voices only
+
+    def draw_speaker() -> int:
+      if synthetic and rng.random() < cfg.synthetic_share:
+        return len(SPEAKERS) + int(rng.integers(synthetic))
+      return int(rng.choice(speakers))
 
     def draw_string() -> tuple[list[int], np.ndarray, np.ndarray]:
       digits = rng.integers(0, 10, size=rng.integers(1, cfg.max_digits + 1)).tolist()
@@ -136,7 +150,7 @@ class DigitWorld(tfds.core.GeneratorBasedBuilder):
           "string_id": templates.string_id(digits),
           "image_index": image_index,
           "image_pixels": image_pixels,
-          "speaker": int(rng.choice(speakers)),
+          "speaker": draw_speaker(),
           "template": int(rng.integers(len(templates.CAPTION_TEMPLATES))),
           "question_type": question_type,
           "question_param": param,
@@ -152,9 +166,9 @@ def _pad(digits: list[int], length: int) -> np.ndarray:
   return out
 
 
-def data_dir_of(data_cfg: ml_collections.ConfigDict) -> str:
+def data_dir_of(data_cfg: ml_collections.ConfigDict | types.SimpleNamespace) -> str:
   """Where datasets live: `data_cfg.data_dir`, else `$CRUCIBLE_DATA_DIR`, else `~/.cache/crucible_jax`."""
-  chosen = data_cfg.get("data_dir") or os.environ.get("CRUCIBLE_DATA_DIR") or "~/.cache/crucible_jax"
+  chosen = getattr(data_cfg, "data_dir", None) or os.environ.get("CRUCIBLE_DATA_DIR") or "~/.cache/crucible_jax"
   return os.path.expanduser(chosen)
 
 
@@ -162,11 +176,30 @@ def builder_config_of(data_cfg: ml_collections.ConfigDict) -> DigitWorldConfig |
   """The builder config (or the name of a registered one) that `data_cfg`'s recipe fields ask for."""
   if data_cfg.heldout_speaker not in SPEAKERS:
     raise ValueError(f"heldout_speaker {data_cfg.heldout_speaker!r} is not one of {SPEAKERS}")
+  voices_count, share = synthetic_voices_of(data_cfg)
   config = _make_config(
       train_size=int(data_cfg.train_size), val_size=int(data_cfg.val_size), test_size=int(data_cfg.test_size),
       heldout_size=int(data_cfg.heldout_size), max_digits=int(data_cfg.max_digits), seed=int(data_cfg.seed),
-      heldout_speaker=str(data_cfg.heldout_speaker))
+      heldout_speaker=str(data_cfg.heldout_speaker), synthetic_voices=voices_count, synthetic_share=share)
   return config.name if config.name == _DEFAULT_CONFIG.name else config
+
+
+def synthetic_voices_of(data_cfg: ml_collections.ConfigDict | types.SimpleNamespace) -> tuple[int, float]:
+  """(voice count, train share) from `data.synthetic_voices` / `data.synthetic_share`, validated; absent = (0, 0)."""
+  count, share = getattr(data_cfg, "synthetic_voices", 0), getattr(data_cfg, "synthetic_share", 0.0)
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    raise ValueError(f"data.synthetic_voices={count!r} must be a count >= 0")
+  if not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+    raise ValueError(f"data.synthetic_share={share!r} must be a fraction in [0, 1]")
+  if share > 0 and count == 0:
+    raise ValueError(f"data.synthetic_share={share} needs data.synthetic_voices > 0")
+  return count, float(share) if count else 0.0
+
+
+def voice_bank_of(data_cfg: ml_collections.ConfigDict | types.SimpleNamespace) -> tuple[str, int] | None:
+  """(path, voice count) of the synthetic voice bank `data_cfg` trains with; None without synthetic voices."""
+  count, _ = synthetic_voices_of(data_cfg)
+  return (str(voices.bank_path(data_dir_of(data_cfg), count, int(data_cfg.seed))), count) if count else None
 
 
 def prepare_digit_world(data_cfg: ml_collections.ConfigDict) -> DigitWorld:
@@ -184,6 +217,7 @@ def prepare_digit_world(data_cfg: ml_collections.ConfigDict) -> DigitWorld:
     try:
       builder = DigitWorld(config=builder_config_of(data_cfg), data_dir=str(data_dir))
       builder.download_and_prepare(file_format="array_record")
+      voices.ensure_bank(data_dir, synthetic_voices_of(data_cfg)[0], int(data_cfg.seed))
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)
   return builder

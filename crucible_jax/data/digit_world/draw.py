@@ -1,12 +1,15 @@
 """DigitWorld's drawing primitives: handwritten glyphs onto canvases and video frames, spoken clips into speech."""
 
 import functools
+import math
 import pathlib
 
 import ml_collections
 import numpy as np
+import scipy.signal
 
 from crucible_jax.data import audio as audio_lib
+from crucible_jax.data.digit_world import voices
 
 SPEAKERS = ("en_US_f_Allison", "es_MX_f_Allison", "fr_CA_f_June")
 ASSET_DIR = pathlib.Path(__file__).parent / "assets" / "spoken_digits"
@@ -216,10 +219,37 @@ def speaker_clips(sample_rate: int) -> tuple[tuple[np.ndarray, ...], ...]:
   return tuple(clips)
 
 
-@functools.lru_cache(maxsize=None)  # bounded: len(SPEAKERS) x 10 digits x SPEED_STEPS per sample rate
-def spoken_clip(sample_rate: int, speaker: int, digit: int, speed_step: int) -> tuple[np.ndarray, float]:
+@functools.lru_cache(maxsize=4)
+def voice_clips(sample_rate: int, bank: str | None, count: int) -> tuple[tuple[np.ndarray, ...], ...]:
+  """clips[speaker][digit]: the real speakers, then the `count` synthetic voices of `bank` (None: real only).
+
+  Synthetic clips are silence-trimmed, band-limited to `sample_rate` and never longer than the longest real clip
+  (a longer one is sped up to fit), so `worst_case_speech_seconds` holds for every voice.
+  """
+  real = speaker_clips(sample_rate)
+  if bank is None:
+    return real
+  longest = max(len(clip) for clips in real for clip in clips)
+  synthetic, rate = voices.load_bank(bank, count)
+  divisor = math.gcd(sample_rate, rate)
+  fitted = []
+  for per_digit in synthetic:
+    row = []
+    for clip in per_digit:
+      clip = audio_lib.trim_silence(clip, rate)
+      clip = scipy.signal.resample_poly(clip, sample_rate // divisor, rate // divisor).astype(np.float32)
+      if len(clip) > longest:
+        clip = audio_lib.resample_linear(clip, len(clip) / longest)[:longest]
+      row.append(clip)
+    fitted.append(tuple(row))
+  return real + tuple(fitted)
+
+
+@functools.lru_cache(maxsize=None)  # bounded: speakers x 10 digits x SPEED_STEPS per sample rate and bank
+def spoken_clip(sample_rate: int, speaker: int, digit: int, speed_step: int, bank: str | None = None,
+                count: int = 0) -> tuple[np.ndarray, float]:
   """(read-only clip, its energy sum(x^2)): `digit` by `speaker` at speed `speeds()[speed_step]`, cached per process."""
-  clip = audio_lib.resample_linear(speaker_clips(sample_rate)[speaker][digit], float(speeds()[speed_step]))
+  clip = audio_lib.resample_linear(voice_clips(sample_rate, bank, count)[speaker][digit], float(speeds()[speed_step]))
   clip.flags.writeable = False
   return clip, float(np.sum(clip.astype(np.float64) ** 2))
 
@@ -236,17 +266,23 @@ def worst_case_speech_seconds(sample_rate: int, num_digits: int) -> float:
 
 
 def speak(
-    digits: np.ndarray, speaker: int, length: int, sample_rate: int, snr_db: float, rng: np.random.Generator
+    digits: np.ndarray, speaker: int, length: int, sample_rate: int, snr_db: float, rng: np.random.Generator,
+    bank: tuple[str, int] | None = None,
 ) -> tuple[np.ndarray, int]:
   """(waveform zero-padded to `length`, valid samples): the speaker's clips with gaps, speed, gain and noise.
 
   Gaps shrink (all by one factor) when a long, slow utterance would overrun `length`; speech is never cut. The
-  speed is one of `speeds()` (cached resampled clips); the noise is a slice of the process's noise bank.
+  speed is one of `speeds()` (cached resampled clips); the noise is a slice of the process's noise bank. Speakers
+  past `SPEAKERS` are the synthetic voices of `bank` (its path and voice count).
   """
   count = len(digits)
   draws = rng.random(2 + 2 * count)  # speed, utterance gain, then per digit: clip gain, gap before it
   speed_step = min(int(draws[0] * SPEED_STEPS), SPEED_STEPS - 1)
-  pieces = [spoken_clip(sample_rate, speaker, int(d), speed_step) for d in digits]
+  if speaker >= len(SPEAKERS) and bank is None:
+    raise ValueError(f"speaker {speaker} is a synthetic voice (past the {len(SPEAKERS)} real ones) "
+                     "but no bank was given")
+  bank_args = bank if speaker >= len(SPEAKERS) else (None, 0)
+  pieces = [spoken_clip(sample_rate, speaker, int(d), speed_step, *bank_args) for d in digits]
   speech = sum(len(clip) for clip, _ in pieces)
   if speech > length:
     raise ValueError(f"{count} spoken digits need {speech / sample_rate:.2f} s, "

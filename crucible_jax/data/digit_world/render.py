@@ -14,8 +14,8 @@ import numpy as np
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
 from crucible_jax.data import audio as audio_lib
+from crucible_jax.data.digit_world import builder, draw, templates
 from crucible_jax.data.tokenizers import Tokenizer, tokenizer_of
-from crucible_jax.data.digit_world import draw, templates
 
 VARIANTS: Final = ("clean", "corrupted", "imbalanced")
 SNR_DB: Final = {"clean": (10.0, 30.0), "corrupted": (10.0, 30.0), "imbalanced": (-5.0, 5.0)}
@@ -99,7 +99,8 @@ def render_sample(
                           tuple(data_cfg.video_size), rng_video)
   snr_low, snr_high = getattr(data_cfg, "speech_snr_db", None) or SNR_DB[variant]
   audio, audio_len = draw.speak(digits, int(recipe["speaker"]), length, int(data_cfg.sample_rate),
-                                rng_audio.uniform(snr_low, snr_high), rng_audio)
+                                rng_audio.uniform(snr_low, snr_high), rng_audio,
+                                builder.voice_bank_of(data_cfg) if recipe["speaker"] >= len(draw.SPEAKERS) else None)
   text = _caption_tokens(digits, template, data_cfg)
 
   corrupted = dict.fromkeys(MODALITIES, False)
