@@ -19,6 +19,7 @@ from crucible_jax.data.digit_world import prepare_digit_world
 from crucible_jax.train.checkpoint import Checkpointer, CheckpointError
 from crucible_jax.train.integrity import MANIFEST
 from crucible_jax.train.loop import Trainer
+from crucible_jax.train.workdir import config_diff
 
 EXPERIMENT = str(pathlib.Path(__file__).parent.parent / "experiments" / "digit_world.py")
 SHORT = ["--config.stage_order=('unimodal',)", "--config.stages.unimodal.steps=6", "--config.stages.unimodal.warmup=2",
@@ -212,3 +213,13 @@ def test_generate_names_an_unreadable_input_before_restoring(tmp_path, capsys, c
                      "--from", "image", "--to", "text", "--input", str(bad)])
   err = capsys.readouterr().err.strip().splitlines()
   assert status == 1 and len(err) == 1 and f"cannot read input file {bad} as a PNG image" in err[0], err
+
+
+def test_values_older_runs_derived_into_config_json_are_no_change_but_user_keys_are():
+  saved = {"model": {"image": {"dtype": "float32", "width": 32}, "param_dtype": "float32", "routing": {"groups": 8}},
+           "seed": 0}
+  current = {"model": {"image": {"width": 32}, "routing": {}}, "seed": 0}
+  assert config_diff(saved, current) == {}
+  assert config_diff(saved, {**current, "seed": 1}) == {"seed": (0, 1)}
+  assert config_diff(current, {"model": {"image": {"width": 32, "dtype": "bfloat16"}, "routing": {}}, "seed": 0}) == {
+      "model.image.dtype": ("<absent>", "bfloat16")}

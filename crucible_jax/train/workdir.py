@@ -6,6 +6,7 @@ sub-keys) pass, and each accepted change is appended to `config_changes.jsonl` w
 
 import json
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -16,6 +17,9 @@ from crucible_jax.config import ConfigError
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
 _ABSENT = "<absent>"
+# Values Experiment used to write into the caller's config before config.json was compared: present only in
+# config.json files of older runs, they are no change of the user's config.
+_DERIVED = re.compile(r"^model\.((\w+\.)?dtype|param_dtype|routing\.groups)$")
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -35,7 +39,7 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tup
   """{dotted key: (saved value, current value)} for every key whose value differs or exists on one side only."""
   old, new = _flat(saved), _flat(current)
   return {key: (old.get(key, _ABSENT), new.get(key, _ABSENT)) for key in sorted(old.keys() | new.keys())
-          if old.get(key, _ABSENT) != new.get(key, _ABSENT)}
+          if old.get(key, _ABSENT) != new.get(key, _ABSENT) and not (key not in new and _DERIVED.match(key))}
 
 
 def _covered(key: str, allowed: tuple[str, ...]) -> bool:
