@@ -161,3 +161,26 @@ def test_scheduler_batches_and_drops_the_lowest_priority_under_deadline():
   assert all(isinstance(r, Dropped) and r.modality == "audio" for r in results[:2])
   assert all(isinstance(r, np.ndarray) for r in results[2:])
   assert calls[1:] == [("text", 4), ("text", 2), ("image", 1)]  # batched, highest priority first; audio shed
+
+
+def test_scheduler_recovers_from_a_slow_first_batch():
+  """A compile-length first batch must not make every later query look late (and be dropped forever)."""
+  durations = iter([0.5] + [0.001] * 100)
+
+  def encode(modality, inputs):
+    time.sleep(next(durations))
+    return np.ones((len(inputs["x"]), 2), np.float32)
+
+  async def scenario():
+    scheduler = Scheduler(encode, {"text": 1}, max_batch=2, max_wait_s=0.0)
+    scheduler.start()
+    one = {"x": np.zeros((1, 3))}
+    await scheduler.encode("text", one, time.monotonic() + 5)  # 0.5 s: the "compile"
+    alone = await scheduler.encode("text", one, time.monotonic() + 0.1)  # next batch: always runs
+    now = time.monotonic()
+    queued = await asyncio.gather(*(scheduler.encode("text", one, now + 0.2) for _ in range(6)), return_exceptions=True)
+    await scheduler.stop()
+    return alone, queued
+
+  alone, queued = asyncio.run(scenario())
+  assert isinstance(alone, np.ndarray) and all(isinstance(r, np.ndarray) for r in queued)

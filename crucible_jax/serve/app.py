@@ -52,6 +52,7 @@ class ServeConfig:
   max_k: int = 100  # largest k a query may ask for
   token: str | None = None  # bearer token; None = open
   approximate: bool = False  # FAISS IVF search instead of exact
+  nprobe: int = 16  # IVF lists probed per approximate query (more: higher recall, slower)
 
 
 class HTTPError(Exception):
@@ -204,7 +205,7 @@ class SearchService:
     if not vectors:
       raise HTTPError(503, "every query encoding was dropped to meet the deadline", dropped=dropped, modality=label)
     query = np.mean([v / np.linalg.norm(v) for v in vectors], axis=0)
-    hits = self.index.search(query, targets, k, approximate=self.config.approximate)[0]
+    hits = self.index.search(query, targets, k, approximate=self.config.approximate, nprobe=self.config.nprobe)[0]
     meta = self.index.metadata(h.id for h in hits)
     results = [{**{c: meta[h.id][c] for c in ("id", "modality", "text", "source", "source_row", "label")},
                 "score": h.score, "url": f"/items/{h.id}"} for h in hits]
@@ -280,7 +281,8 @@ def run(args: Any, config: Any) -> int:
     serve_config = ServeConfig(
         max_upload_bytes=int(args.max_upload_mb * 2**20), deadline_ms=args.deadline_ms,
         priorities=parse_priorities(args.priorities), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-        token=args.token or os.environ.get("CRUCIBLE_SERVE_TOKEN") or None, approximate=args.approximate)
+        token=args.token or os.environ.get("CRUCIBLE_SERVE_TOKEN") or None, approximate=args.approximate,
+        nprobe=args.nprobe)
     app = create_app(Index.open(args.index), serve_config)
   except (FileNotFoundError, ValueError) as e:
     print(f"crucible: error: {e}", file=sys.stderr)

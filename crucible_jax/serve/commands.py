@@ -32,6 +32,7 @@ def add_parsers(sub: Any) -> None:
   p.add_argument("--max-batch", type=int, default=16, help="queries per encoder batch")
   p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
   p.add_argument("--approximate", action="store_true", help="FAISS IVF search instead of exact")
+  p.add_argument("--nprobe", type=int, default=16, help="IVF lists probed per approximate query")
   p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip compiling the encoders at start")
   p = sub.add_parser("client", help="edge query: encode locally with an export, send only the embedding")
   p.add_argument("--export", required=True, help="export directory (e.g. IDX/export of the served index)")

@@ -68,18 +68,20 @@ class Scheduler:
     return sorted((m for m in self._queues if self._queues[m]), key=lambda m: -self.priorities[m])
 
   def _shed(self, now: float) -> None:
-    """Drop every queued query projected to finish after its deadline."""
-    finish = now
+    """Drop every queued query projected to finish after its deadline, except the next batch's (nothing is ahead of
+    it: it runs, and its time keeps the estimate current)."""
+    finish, first = now, True
     for m in self._order():
       queue, kept = self._queues[m], collections.deque()
       for start in range(0, len(queue), self.max_batch):
         finish += self.batch_seconds[m]
         for job in list(queue)[start:start + self.max_batch]:
-          if finish > job.deadline and not job.future.done():
+          if finish > job.deadline and not job.future.done() and not first:
             job.future.set_exception(Dropped(m, f"projected {1e3 * (finish - job.deadline):.0f} ms past the "
                                                 f"deadline behind higher-priority encodings"))
           elif not job.future.done():
             kept.append(job)
+        first = False
       self._queues[m] = kept
 
   async def _serve(self) -> None:
@@ -110,7 +112,8 @@ class Scheduler:
         continue
       elapsed = time.monotonic() - start
       previous = self.batch_seconds[modality]
-      self.batch_seconds[modality] = elapsed if previous == 0.0 else 0.8 * previous + 0.2 * elapsed
+      # Down at once (a first batch's compile must not outlive it), up smoothly (one slow batch is not a trend).
+      self.batch_seconds[modality] = elapsed if elapsed < previous or previous == 0.0 else 0.8 * previous + 0.2 * elapsed
       if self._on_batch is not None:
         self._on_batch(modality, len(jobs), elapsed)
       for job, vector in zip(jobs, vectors):
