@@ -1,11 +1,11 @@
 """A trained model without the Trainer: config + final params from a workdir or a params directory, and embedding.
 
 Nothing here opens metrics or TensorBoard files, builds a train iterator or restores optimizer state, and nothing
-is written: `crucible eval`, `crucible generate`, `crucible embed`, export and serving read a run through it.
+is written: `crucible embed`, `crucible export` and `crucible index` read a run through it.
 
 A *params directory* holds `config.json` (a resolved experiment config) and `params/` (an orbax PyTree of the
-model's params); `save_params_dir` writes one. A *workdir* is what `crucible train` writes; its newest checkpoint
-is read.
+model's params); `save_params_dir` writes one. A *workdir* is what `crucible train` writes; its newest intact
+checkpoint (checksums verified, as a resume does) is read.
 """
 
 import dataclasses
@@ -27,11 +27,8 @@ from crucible_jax.config import ConfigError, validate
 from crucible_jax.data.schema import example_batch
 from crucible_jax.common_types import MODALITIES, present_key
 from crucible_jax.parallel import mesh as mesh_lib
+from crucible_jax.train.checkpoint import CONFIG_FILE, PARAMS_DIR, final_state_dir
 from crucible_jax.train.setup import Experiment
-
-CONFIG_FILE = "config.json"
-PARAMS_DIR = "params"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def _tuples(value: Any) -> Any:
@@ -56,14 +53,6 @@ def read_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
   validate(config)
   config.lock()
   return config
-
-
-def committed_steps(workdir: str | pathlib.Path) -> list[int]:
-  """Checkpoint steps in `workdir/checkpoints` that orbax finished writing, oldest first."""
-  directory = pathlib.Path(workdir) / CHECKPOINTS_DIR
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
 
 
 def _restore_tree(path: pathlib.Path, abstract: Any) -> Any:
@@ -146,11 +135,7 @@ def load(path: str | pathlib.Path, devices: Sequence[jax.Device] | None = None) 
   if (path / PARAMS_DIR).is_dir():
     params = _restore_tree((path / PARAMS_DIR).absolute(), abstract)
   else:
-    steps = committed_steps(path)
-    if not steps:
-      raise FileNotFoundError(f"no checkpoint in {path / CHECKPOINTS_DIR}: train first")
-    state_dir = (path / CHECKPOINTS_DIR / str(steps[-1]) / "state").absolute()
-    params = _restore_tree(state_dir, {"params": abstract})["params"]
+    params = _restore_tree(final_state_dir(path), {"params": abstract})["params"]
   return InferenceModel(config, experiment, params)
 
 

@@ -22,6 +22,9 @@ from crucible_jax.train.integrity import has_manifest, nonfinite_leaves, tree_by
 
 STATE_FIELDS = ("step", "params", "opt_state", "comp_state", "skipped", "loss_scale")
 REJECTED_DIR = "checkpoints_rejected"  # beside `checkpoints/`: damaged steps are moved here, never deleted
+CHECKPOINTS_DIR = "checkpoints"  # in a workdir: one orbax step directory per saved global step
+PARAMS_DIR = "params"  # in a params directory (converted or saved weights): an orbax PyTree of the model's params
+CONFIG_FILE = "config.json"  # in a workdir or params directory: the resolved experiment config
 
 
 class CheckpointError(Exception):
@@ -37,7 +40,7 @@ class Checkpointer:
   """CheckpointManager over `workdir/checkpoints`, keyed by the run's global step; `read_only` creates nothing."""
 
   def __init__(self, workdir: str | pathlib.Path, *, keep: int, async_save: bool = True, read_only: bool = False):
-    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR
     self.rejected_directory = self.directory.parent / REJECTED_DIR
     if read_only and not self.directory.is_dir():
       raise FileNotFoundError(f"no checkpoint in {self.directory}: train first")
@@ -243,3 +246,16 @@ class Checkpointer:
       self.poll(block=True)
     finally:
       self.manager.close()
+
+
+def final_state_dir(workdir: str | pathlib.Path) -> pathlib.Path:
+  """The `state` item of a workdir's newest intact checkpoint, read only (damaged newer steps are named in a
+  warning and skipped); FileNotFoundError when there is none."""
+  checkpointer = Checkpointer(workdir, keep=1, async_save=False, read_only=True)
+  try:
+    resume = checkpointer.resume_point()
+  finally:
+    checkpointer.close()
+  if resume is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first")
+  return checkpointer.directory / str(resume[0]) / "state"

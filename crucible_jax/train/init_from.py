@@ -17,7 +17,7 @@ import flax.traverse_util
 import jax
 import orbax.checkpoint as ocp
 
-from crucible_jax.inference import CHECKPOINTS_DIR, PARAMS_DIR, committed_steps
+from crucible_jax.train.checkpoint import CHECKPOINTS_DIR, PARAMS_DIR, final_state_dir
 
 REPORT_FILE = "init_from_report.json"
 
@@ -53,11 +53,11 @@ def _locate(source: pathlib.Path) -> tuple[pathlib.Path, bool]:
   """(orbax PyTree directory, whether its params sit under a "params" key) of a params directory or workdir."""
   if (source / PARAMS_DIR).is_dir():
     return (source / PARAMS_DIR).absolute(), False
-  steps = committed_steps(source)
-  if not steps:
+  try:
+    return final_state_dir(source), True
+  except FileNotFoundError as e:
     raise InitFromError(f"init_from={str(source)!r} is neither a params directory ({PARAMS_DIR}/) nor a workdir "
-                        f"with a checkpoint in {CHECKPOINTS_DIR}/")
-  return (source / CHECKPOINTS_DIR / str(steps[-1]) / "state").absolute(), True
+                        f"with an intact checkpoint in {CHECKPOINTS_DIR}/") from e
 
 
 def compare(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]], take: Sequence[str],
