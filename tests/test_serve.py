@@ -66,8 +66,8 @@ def test_text_search_returns_ranked_items_of_the_targets(served):
   status, reply = search(base, {"text": "a card showing 42", "targets": ["image", "audio"], "k": "7"}, token=TOKEN)
   assert status == 200, reply
   got = [(r["id"], r["score"]) for r in reply["results"]]
-  want = _expected(index_dir, "text", preprocess.text_inputs("a card showing 42", {"max_len": 48}),
-                   ["image", "audio"], 7)
+  spec = {"tokenizer": {"kind": "byte"}, "max_len": 48}
+  want = _expected(index_dir, "text", preprocess.text_inputs("a card showing 42", spec), ["image", "audio"], 7)
   assert [i for i, _ in got] == [i for i, _ in want]
   np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-5)
   assert {r["modality"] for r in reply["results"]} <= {"image", "audio"} and reply["dropped"] == []

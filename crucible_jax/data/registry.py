@@ -12,7 +12,7 @@ from typing import Callable
 
 import ml_collections
 
-from crucible_jax.data import benchmarks
+from crucible_jax.data import benchmarks, no_data
 from crucible_jax.data.digit_world.validation import validate_data_config
 from crucible_jax.data.own.config import validate_own_data
 
@@ -35,6 +35,7 @@ SOURCES: dict[str, DataSource] = {
     "digit_world": DataSource("crucible_jax.data.pipeline", validate_data_config),
     **{name: DataSource("crucible_jax.data.benchmarks", _benchmark) for name in benchmarks.BENCHMARKS},
     "own": DataSource("crucible_jax.data.own.source", validate_own_data),
+    "pretrained": DataSource("crucible_jax.data.no_data", no_data.validate),  # a converted checkpoint: no dataset
 }
 
 

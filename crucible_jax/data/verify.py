@@ -5,6 +5,7 @@ import pathlib
 import ml_collections
 from array_record.python.array_record_module import ArrayRecordReader
 
+from crucible_jax.data import registry
 from crucible_jax.data.digit_world import builder
 
 FULL_READ_BYTES = 256 * 2**20  # files up to this size are read end to end (every chunk's hash checked); larger:
@@ -59,10 +60,9 @@ def _check_digit_world(data_cfg: ml_collections.ConfigDict, split: str) -> None:
 
 def check_splits(data_cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
   """Open every split's files and verify them (DigitWorld: ArrayRecord record counts and chunk hashes; other
-  benchmarks: their loader opens the split). InputFileError / FileNotFoundError name the file."""
+  sources: their reader opens and counts the split). InputFileError / FileNotFoundError / ValueError name the file."""
   for split in dict.fromkeys(splits):
     if data_cfg.name == "digit_world":
       _check_digit_world(data_cfg, split)
     else:
-      from crucible_jax.data import benchmarks  # pylint: disable=g-import-not-at-top
-      benchmarks.open_split(data_cfg, split)
+      registry.pipeline_of(data_cfg.name).num_examples(data_cfg, split)

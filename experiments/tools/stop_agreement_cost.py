@@ -1,6 +1,6 @@
 """Time the trainer's per-step stop agreement (`any_process`, an all-gather of one flag) on N local processes.
 
-  python experiments/stop_agreement_cost.py --num-processes 2 --cpu-devices 4 --calls 200
+  python experiments/tools/stop_agreement_cost.py --num-processes 2 --cpu-devices 4 --calls 200
 
 Prints the median and 90th percentile of one call, measured on process 0; compare with a train step's time.
 """
