@@ -184,8 +184,9 @@ class CrucibleModel(nn.Module):
     for m in self.config.modalities if modalities is None else modalities:
       if m not in self.encoders:
         raise ValueError(f"modality {m!r} is not active; cfg.modalities = {self.config.modalities}")
-      if m == AUDIO:
-        inputs, encode_fn = (_require(batch, AUDIO), _require(batch, "audio_len")), lambda x: self.encoders[AUDIO](*x, train=train)
+      if m == AUDIO:  # the audio tower augments in training
+        inputs = (_require(batch, AUDIO), _require(batch, "audio_len"))
+        encode_fn = lambda x: self.encoders[AUDIO](*x, train=train)
       else:
         inputs, encode_fn = _require(batch, m), self.encoders[m]
       tokens, mask = encode_fn(inputs) if plan is None else routed_encode(encode_fn, inputs, plan[m])
