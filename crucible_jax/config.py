@@ -16,13 +16,13 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from crucible_jax import tasks
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.data import registry
 from crucible_jax.data.tokenizers import tokenizer_of
 
 STAGE_NAMES = ("unimodal", "align", "joint")
 NAN_POLICIES = ("skip", "abort")
-LOSS_KINDS = ("clip", "siglip")
 
 
 class ConfigError(ValueError):
@@ -141,23 +141,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
   if config.nan_policy not in NAN_POLICIES:
     raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {config.nan_policy!r}")
-  if config.loss_kind not in LOSS_KINDS:
-    raise ConfigError(f"loss_kind must be one of {LOSS_KINDS}, got {config.loss_kind!r}")
+  if config.loss_kind not in tasks.LOSS_KINDS:
+    raise ConfigError(f"loss_kind must be one of {tasks.LOSS_KINDS}, got {config.loss_kind!r}")
+  try:  # first: the source registers its own tasks, which the stages and evals may name
+    registry.validate(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   _validate_mesh(config)
   _validate_modalities(config)
   _validate_stages(config)
   converter = config.model.get("converter")
   if (converter is not None and converter.get("enabled", False) and converter.get("image_target") == "reference"
-      and config.data.get("name") != "digit_world"):
-    raise ConfigError(f"model.converter.image_target='reference' draws DigitWorld's digit strings; data.name is "
-                      f"{config.data.get('name')!r} (use 'sample')")
+      and tasks.source_extras(config.data.name).reference_glyphs is None):
+    raise ConfigError(f"model.converter.image_target='reference' draws the source's reference glyphs; data.name="
+                      f"{config.data.get('name')!r} registers none (use 'sample')")
   tokenizer = config.data.get("tokenizer", {}).get("kind", "byte")
   if converter is not None and converter.get("enabled", False) and tokenizer != "byte":
     raise ConfigError(f"model.converter captions in byte tokens; data.tokenizer.kind={tokenizer!r} (use 'byte')")
-  try:
-    registry.validate(config.data)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:
@@ -198,6 +198,18 @@ def _validate_modalities(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"{data_key}={data_value} disagrees with {model_key}={model_value}")
 
 
+def _term_modalities(config: ml_collections.ConfigDict, where: str, term: str) -> set[str]:
+  """The modalities objective term `term` needs; ConfigError for an unknown task or another source's task."""
+  try:
+    task, _ = tasks.task_of_term(term)
+    needed = set(tasks.term_modalities(term))
+  except ValueError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  if task.source is not None and task.source != config.data.name:
+    raise ConfigError(f"{where}: task {task.name!r} belongs to data.name={task.source!r}, not {config.data.name!r}")
+  return needed
+
+
 def _validate_stages(config: ml_collections.ConfigDict) -> None:
   active = set(config.model.modalities)
   if not config.stage_order:
@@ -219,14 +231,17 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"stages.{name}.route=False bypasses the router's plan, but its objective has the plan's "
                         f"terms {planned} (only routing/utility, which trains the estimator, applies)")
     for term in stage.objective:
-      kind, _, rest = term.partition("/")
-      needed = set(rest.split("-")) if kind == "contrastive" else {rest} if kind == "pretrain" else set()
-      needed |= {"vqa": {"image", "text"}, "tagging": {"audio"}, "asr": {"audio"}}.get(kind, set())
-      missing = needed - active
+      if term.startswith("routing/"):
+        continue  # the router's terms (train/objectives.py) need no modality
+      missing = _term_modalities(config, f"stages.{name}.objective.{term}", term) - active
       if missing:
         raise ConfigError(f"stages.{name}.objective.{term} needs modalities {sorted(missing)} "
                           f"not in model.modalities {sorted(active)}")
   for name, evaluator in config.evals.items():
+    try:
+      tasks.evaluator_factory(evaluator.get("kind", name))
+    except ValueError as e:
+      raise ConfigError(f"evals.{name}: {e}") from None
     for pair in evaluator.get("pairs", ()):
       missing = set(pair) - active
       if missing:

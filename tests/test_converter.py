@@ -11,7 +11,8 @@ import pytest
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.config import load_experiment
 from crucible_jax.data.tokenizers import byte
-from crucible_jax.eval.generation import CaptionEvaluator, ImageGenerationEvaluator
+from crucible_jax.data.digit_world.recognizer import ImageGenerationEvaluator
+from crucible_jax.eval.generation import CaptionEvaluator
 from crucible_jax.models import ALL_HEADS, build_model, default_model_config, example_batch
 from crucible_jax.models import converter, decoding
 from crucible_jax.parallel import rules as rules_lib

@@ -122,7 +122,7 @@ def _train(method: str, params, batch, steps: int):
 
   def objective(outputs, b):
     coeffs = {f"coeff/{m}": k for m, k in outputs.get("balance_coeffs", {}).items()}
-    return losses.digit_string_loss(outputs["fused_logits"], b["digits"], b["num_digits"]), coeffs
+    return losses.position_loss(outputs["fused_logits"], b["digits"], b["num_digits"]), coeffs
 
   tx = optax.chain(optax.trace(decay=0.0), optax.scale(-1e-2))
   train_step = jax.jit(step_lib.make_train_step(step_lib.make_loss_fn(model, objective, ("fused",), frozen)))

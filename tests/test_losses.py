@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import crucible_jax.data.digit_world.tasks  # noqa: F401  (registers DigitWorld's pretrain and fused tasks)
 from crucible_jax.train import losses, objectives
 
 GLOBAL_B, DIM = 32, 8
@@ -152,7 +153,7 @@ def test_digit_string_multilabel_and_softmax_losses():
   per_sample = [-(logp[0, 0, 4] + logp[0, 1, 2] + logp[0, 2, 10]) / 3,
                 -(logp[1, 0, 7] + logp[1, 1, 10] + logp[1, 2, 10]) / 3]
   weight = np.array([2.0, 1.0], np.float32)
-  np.testing.assert_allclose(jax.jit(losses.digit_string_loss)(logits, digits, num_digits, weight),
+  np.testing.assert_allclose(jax.jit(losses.position_loss)(logits, digits, num_digits, weight),
                              (2 * per_sample[0] + per_sample[1]) / 3, rtol=1e-5)
 
   tags = rng.normal(size=(2, 10)).astype(np.float32)

@@ -4,7 +4,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from crucible_jax.eval import evaluators, metrics
+import crucible_jax.data.digit_world.tasks  # noqa: F401  (registers DigitWorld's fused and pretrain tasks)
+from crucible_jax import tasks
+from crucible_jax.eval import metrics
 
 
 def test_retrieval_recall_and_map_with_same_id_candidates():
@@ -93,7 +95,7 @@ def test_retrieval_evaluator_ignores_padding_and_absent_candidates():
   batch = {"string_id": np.array([0, 1, 2, 1]), "weight": np.array([1, 1, 1, 0], np.float32),
            "digits": np.zeros((4, 2), np.int32), "image_present": np.ones(4, bool),
            "text_present": np.array([True, True, False, True])}
-  evaluator = evaluators.build_evaluators({"retrieval": {"pairs": [["image", "text"]]}})["retrieval"]
+  evaluator = tasks.build_evaluators({"retrieval": {"pairs": [["image", "text"]]}})["retrieval"]
   assert evaluator.heads == ("embed",)
   for rows in ([0, 1], [2, 3]):
     evaluator.update(*_split(outputs, batch, rows))
@@ -125,7 +127,7 @@ def test_asr_evaluator_wer_and_string_accuracy():
   # Decodes: [1, 2] right; [3, 3] one insertion; [5, 7] one deletion; row 3 lacks audio; row 4 is padding.
   ctc = _one_hot_frames([[2, 0, 3], [4, 0, 4], [6, 8, 8], [1, 1, 1], [1, 1, 1]], frames=4)
   outputs = {"ctc_logits": ctc, "ctc_mask": np.array([[1, 1, 1, 0]] * 5, bool)}
-  evaluator = evaluators.build_evaluators({"asr": {}})["asr"]
+  evaluator = tasks.build_evaluators({"asr": {}})["asr"]
   evaluator.update(outputs, batch)
   assert evaluator.result() == pytest.approx({"asr/wer": 2 / 6, "asr/string_accuracy": 1 / 3})
 
@@ -142,7 +144,7 @@ def test_vqa_tagging_fused_and_pretrain_evaluators():
              "present": {"audio": batch["audio_present"], "image": batch["image_present"]}}
   config = {"vqa": {}, "tagging": {}, "fused": {},
             "image_pretrain": {"kind": "pretrain", "modalities": ("audio", "image")}}
-  built = evaluators.build_evaluators(ml_collections.ConfigDict(config))
+  built = tasks.build_evaluators(ml_collections.ConfigDict(config))
   assert {name: e.heads for name, e in built.items()} == {
       "vqa": ("vqa",), "tagging": ("tagging",), "fused": ("fused",), "image_pretrain": ("pretrain",)}
   results = {}
@@ -157,8 +159,8 @@ def test_vqa_tagging_fused_and_pretrain_evaluators():
 
 def test_build_evaluators_rejects_unknown_names_and_options():
   with pytest.raises(ValueError, match="captioning"):
-    evaluators.build_evaluators({"captioning": {}})
+    tasks.build_evaluators({"captioning": {}})
   with pytest.raises(ValueError, match="evals.vqa"):
-    evaluators.build_evaluators({"vqa": {"top_k": 5}})
+    tasks.build_evaluators({"vqa": {"top_k": 5}})
   with pytest.raises(ValueError, match="smell"):
-    evaluators.build_evaluators({"retrieval": {"pairs": [("image", "smell")]}})
+    tasks.build_evaluators({"retrieval": {"pairs": [("image", "smell")]}})

@@ -15,7 +15,7 @@ import numpy as np
 from crucible_jax.bench.common import device_info
 from crucible_jax.bench.routing import evaluate_joint, joint_metrics, program_flops
 from crucible_jax.config import load_experiment
-from crucible_jax.eval.evaluators import build_evaluators
+from crucible_jax.tasks import build_evaluators
 
 EXPERIMENT = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "digit_world_ablations.py")
 CLAIMS = {  # variant -> (what changes against `full`, claimed change in %)

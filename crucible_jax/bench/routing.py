@@ -19,7 +19,7 @@ import numpy as np
 from crucible_jax.bench.common import compiled_flops, device_info, time_call
 from crucible_jax.common_types import MODALITIES, present_key
 from crucible_jax.data import pipeline as data_lib
-from crucible_jax.eval.evaluators import build_evaluators
+from crucible_jax.tasks import build_evaluators
 from crucible_jax.models.router import budget_fractions
 from crucible_jax.train.evaluate import evaluate_split
 from crucible_jax.train.setup import Experiment

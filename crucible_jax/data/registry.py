@@ -1,4 +1,5 @@
-"""One table from `data.name` to the module that reads it and the check a config load runs on its data config.
+"""One table from `data.name` to the module that reads it, the check a config load runs on its data config and the
+module registering the source's own tasks (`crucible_jax.tasks`), imported when a config of that source validates.
 
 Each pipeline module has `make_train_iterator`, `make_eval_batches` and `num_examples` with
 `pipeline.make_train_iterator`'s signatures, and may have `record_stats(data_cfg) -> {key: count}` for
@@ -23,6 +24,7 @@ class DataSource:
 
   pipeline: str  # module with make_train_iterator / make_eval_batches / num_examples
   validate: Callable[[ml_collections.ConfigDict], None]  # ValueError naming the field; reads no records
+  tasks: str | None = None  # module that registers the source's own tasks on import (None: generic tasks only)
 
 
 def _benchmark(data_cfg: ml_collections.ConfigDict) -> None:
@@ -32,7 +34,7 @@ def _benchmark(data_cfg: ml_collections.ConfigDict) -> None:
 
 
 SOURCES: dict[str, DataSource] = {
-    "digit_world": DataSource("crucible_jax.data.pipeline", validate_data_config),
+    "digit_world": DataSource("crucible_jax.data.pipeline", validate_data_config, "crucible_jax.data.digit_world.tasks"),
     **{name: DataSource("crucible_jax.data.benchmarks", _benchmark) for name in benchmarks.BENCHMARKS},
     "own": DataSource("crucible_jax.data.own.source", validate_own_data),
     "pretrained": DataSource("crucible_jax.data.no_data", no_data.validate),  # a converted checkpoint: no dataset
@@ -47,8 +49,17 @@ def source_of(name: str) -> DataSource:
 
 
 def validate(data_cfg: ml_collections.ConfigDict) -> None:
-  """The config-load check of `data_cfg`'s source."""
-  source_of(data_cfg.name).validate(data_cfg)
+  """The config-load check of `data_cfg`'s source; registers the source's own tasks."""
+  source = source_of(data_cfg.name)
+  source.validate(data_cfg)
+  register_tasks(data_cfg.name)
+
+
+def register_tasks(name: str) -> None:
+  """Register the own tasks of source `name` (importing its tasks module; once per process)."""
+  module = source_of(name).tasks
+  if module is not None:
+    importlib.import_module(module)
 
 
 def pipeline_of(name: str) -> ModuleType:

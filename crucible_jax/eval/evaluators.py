@@ -1,4 +1,5 @@
-"""Evaluators the trainer plugs in from config (`config.evals.NAME = dict(...)`): accumulate on host, then score.
+"""Generic evaluators (retrieval, VQA, tagging, ASR): accumulate on host, then score. Tasks register them
+(`tasks/generic.py`); the trainer builds them from config (`config.evals.NAME = dict(...)`, `tasks.build_evaluators`).
 
 Each evaluator says which model `heads` it needs, takes `update(outputs, batch)` per batch (numpy arrays; rows with
 `batch["weight"] == 0` are padding) and returns `{"task/metric": value}` from `result()`; the trainer adds the split.
@@ -13,9 +14,7 @@ import numpy as np
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.eval import metrics
 from crucible_jax.eval.rows import present_rows, real_rows
-from crucible_jax.eval.generation import CaptionEvaluator, ImageGenerationEvaluator
 
-NO_DIGIT = 10
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_PAIRS = (("image", "text"), ("text", "image"), ("audio", "image"), ("video", "text"))
 
@@ -30,12 +29,6 @@ class Evaluator(Protocol):
 
   def result(self) -> dict[str, float]:
     ...
-
-
-def _targets(batch: Mapping[str, np.ndarray]) -> np.ndarray:
-  """Per-position digit classes, NO_DIGIT past each string's end."""
-  digits = np.asarray(batch["digits"])
-  return np.where(np.arange(digits.shape[1]) < np.asarray(batch["num_digits"])[:, None], digits, NO_DIGIT)
 
 
 def _join(chunks: list[np.ndarray]) -> np.ndarray:
@@ -112,7 +105,8 @@ class VqaEvaluator:
 
 
 class TaggingEvaluator:
-  """Multi-label tagging: mAP of sigmoid(tag_logits) over `labels` (when the batch has them) or the 10 digits."""
+  """Multi-label tagging: mAP of sigmoid(tag_logits) over `labels` (when the batch has them) or the label classes
+  a sample's label sequence holds (DigitWorld: which digits)."""
 
   heads = ("tagging",)
 
@@ -126,9 +120,9 @@ class TaggingEvaluator:
     self._scores.append((1 / (1 + np.exp(-logits)))[keep])
     if "labels" in batch:  # multi-hot from the source (AudioSet's 527 classes)
       self._labels.append((np.asarray(batch["labels"]) > 0.5)[keep])
-    else:  # DigitWorld: which of the 10 digits the sample holds
+    else:  # the classes the sample's label sequence holds (DigitWorld: which digits)
       digits = np.asarray(batch["digits"])
-      self._labels.append(np.any(digits[:, :, None] == np.arange(10), axis=1)[keep])
+      self._labels.append(np.any(digits[:, :, None] == np.arange(logits.shape[-1]), axis=1)[keep])
 
   def result(self):
     scores, labels = _join(self._scores), _join(self._labels)
@@ -159,72 +153,3 @@ class AsrEvaluator:
     wer = metrics.word_error_rate([as_words(r) for r in self._refs], [as_words(h) for h in self._hyps])
     exact = np.mean([r == h for r, h in zip(self._refs, self._hyps)])
     return {"asr/wer": wer, "asr/string_accuracy": float(exact)}
-
-
-class _StringAccuracy:
-  """Exact digit-string accuracy: every position, including the NO_DIGIT tail, predicted right."""
-
-  def __init__(self):
-    self._correct = []
-
-  def _score(self, logits, batch, keep):
-    exact = np.all(np.argmax(np.asarray(logits), axis=-1) == _targets(batch), axis=-1)
-    return exact[keep]
-
-
-class FusedEvaluator(_StringAccuracy):
-  """Exact string accuracy of the fused-modality digit head."""
-
-  heads = ("fused",)
-
-  def update(self, outputs, batch):
-    self._correct.append(self._score(outputs["fused_logits"], batch, real_rows(batch)))
-
-  def result(self):
-    return {"fused/accuracy": _mean(self._correct)} if _join(self._correct).size else {}
-
-
-class PretrainEvaluator(_StringAccuracy):
-  """Exact string accuracy of each modality's unimodal pretraining head, on the samples that carry it."""
-
-  heads = ("pretrain",)
-
-  def __init__(self, modalities: Sequence[str] = MODALITIES):
-    unknown = [m for m in modalities if m not in MODALITIES]
-    if unknown:
-      raise ValueError(f"pretrain evaluator: unknown modalities {unknown}")
-    self.modalities = tuple(modalities)
-    self._correct = {m: [] for m in self.modalities}
-
-  def update(self, outputs, batch):
-    real = real_rows(batch)
-    for m in self.modalities:
-      keep = real & present_rows(outputs, batch, m)
-      self._correct[m].append(self._score(outputs["pretrain_logits"][m], batch, keep))
-
-  def result(self):
-    return {f"pretrain/accuracy_{m}": _mean(self._correct[m]) for m in self.modalities if _join(self._correct[m]).size}
-
-
-EVALUATORS = {"retrieval": RetrievalEvaluator, "vqa": VqaEvaluator, "tagging": TaggingEvaluator,
-              "asr": AsrEvaluator, "fused": FusedEvaluator, "pretrain": PretrainEvaluator,
-              "caption": CaptionEvaluator, "image_generation": ImageGenerationEvaluator}
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-  return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-
-
-def build_evaluators(evals_cfg: Mapping[str, Mapping[str, Any]]) -> dict[str, Evaluator]:
-  """One evaluator per config entry; the entry's name is its kind unless it sets `kind=...`."""
-  built = {}
-  for name, cfg in _plain(evals_cfg).items():
-    kwargs = _plain(cfg or {})
-    kind = kwargs.pop("kind", name)
-    if kind not in EVALUATORS:
-      raise ValueError(f"unknown evaluator {kind!r} (config.evals.{name}); known: {sorted(EVALUATORS)}")
-    try:
-      built[name] = EVALUATORS[kind](**kwargs)
-    except TypeError as err:
-      raise ValueError(f"config.evals.{name}: bad options {sorted(kwargs)} for {kind!r}: {err}") from None
-  return built

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 from jaxtyping import Array, Float
 
-from crucible_jax.models.heads import masked_mean_pool
+from crucible_jax.models import heads
 
-NO_DIGIT = 10  # class of a position past the end of the string
+END = 10  # probe target of a position past the sequence's end: above every label (DigitWorld's digits 0-9)
 
 
 @dataclasses.dataclass
@@ -29,7 +29,7 @@ class Features:
 
 def _pooled(module: nn.Module, batch: Mapping[str, Array], modality: str) -> Float[Array, "b w"]:
   """Mean-pooled tokens of one modality's encoder on every sample (deterministic, the router bypassed)."""
-  return masked_mean_pool(*module.encode(batch, False, (modality,), route=False)[modality])
+  return heads.masked_mean_pool(*module.encode(batch, False, (modality,), route=False)[modality])
 
 
 def extract_features(model: nn.Module, params: Any, batches: Iterable[Mapping[str, np.ndarray]], modality: str,
@@ -48,9 +48,8 @@ def extract_features(model: nn.Module, params: Any, batches: Iterable[Mapping[st
 
 
 def position_targets(features: Features) -> np.ndarray:
-  """i32[N, D]: the digit at each position, NO_DIGIT past the end."""
-  inside = np.arange(features.digits.shape[1])[None, :] < features.num_digits[:, None]
-  return np.where(inside, features.digits, NO_DIGIT)
+  """i32[N, D]: the label at each position, END past the end."""
+  return heads.position_targets(features.digits, features.num_digits, end=END)
 
 
 def _fit_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, c: float) -> np.ndarray:

@@ -115,6 +115,11 @@ def _pretrained_options(cfg: ml_collections.ConfigDict, m: str) -> dict[str, Any
               proj_bias=flags["proj_bias"], text_mask=opts["mask"])
 
 
+def _num_labels(cfg: ml_collections.ConfigDict) -> int:
+  """heads.num_labels; configs saved before the field existed (checkpoints, converted params dirs) had 10."""
+  return _positive(cfg, "heads.num_labels") if "num_labels" in _get(cfg, "heads") else 10
+
+
 def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
   """Validate `cfg` (ValueError naming the key) and build the model."""
   modalities = tuple(_get(cfg, "modalities"))
@@ -162,7 +167,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
   return CrucibleModel(ModelConfig(
       modalities=modalities, towers=towers, image_patch=tuple(patch), video_tubelet=tuple(tubelet),
       audio_frontend=frontend, text_vocab=text_vocab, fusion=fusion, joint_dim=_positive(cfg, "joint_dim"),
-      max_digits=_positive(cfg, "heads.max_digits"), num_answers=_positive(cfg, "heads.num_answers"),
+      max_digits=_positive(cfg, "heads.max_digits"), num_labels=_num_labels(cfg), num_answers=_positive(cfg, "heads.num_answers"),
       vqa_hidden=_positive(cfg, "heads.vqa_hidden"), vqa_reader=_choice(cfg, "heads.vqa_reader", VQA_READERS),
       num_tags=_positive(cfg, "heads.num_tags"),
       dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),

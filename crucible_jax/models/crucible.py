@@ -16,19 +16,20 @@ from crucible_jax.models import encoders as enc
 from crucible_jax.models.cross_attention import BidirectionalFusionBlock
 from crucible_jax.models.fusion import AdaptiveFusion
 from crucible_jax.models.heads import (ClassifierHead, JointProjection, QueryPool, SlotAnswerHead, TokenPool,
-                                       masked_mean_pool)
+                                       masked_mean_pool, position_targets)
 from crucible_jax.models.layers import Dtype, Style, logical
 from crucible_jax.models.melspec import AudioAugment
 from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode
 
+# The model's heads, in a fixed order (tasks/ registers what trains and scores each). `position` heads classify
+# `max_digits` label positions per modality (`pretrain`) or fused (`fused`); `asr` is a per-frame CTC head.
 ALL_HEADS: tuple[str, ...] = ("embed", "pretrain", "vqa", "tagging", "asr", "fused", *converter_lib.CONVERTER_HEADS)
-HEAD_MODALITIES: dict[str, tuple[str, ...]] = {"vqa": (IMAGE, TEXT), "tagging": (AUDIO,), "asr": (AUDIO,)}
-HEAD_INPUTS: dict[str, tuple[str, ...]] = {"vqa": (IMAGE,), "tagging": (AUDIO,), "asr": (AUDIO,)}  # else: all
+HEAD_MODALITIES: dict[str, tuple[str, ...]] = {"vqa": (IMAGE, TEXT), "tagging": (AUDIO,), "asr": (AUDIO,)}  # else: any
+HEAD_INPUTS: dict[str, tuple[str, ...]] = {"vqa": (IMAGE,), "tagging": (AUDIO,), "asr": (AUDIO,)}  # encoded; else all
 VQA_READERS: tuple[str, ...] = ("concat", "slots")  # model.heads.vqa_reader: how the answer head reads the image slots
 DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LOGIT_SCALE_INIT = math.log(10.0)  # contrastive temperature, as log(scale)
 LOGIT_BIAS_INIT = -10.0  # SigLIP's sigmoid bias
-DIGIT_CLASSES = 11  # digits 0-9, plus "no digit" (pretrain, fused) or the CTC blank at class 0 (asr)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,8 @@ class ModelConfig:
   text_vocab: tuple[int, int]  # (vocab_size, max_len)
   fusion: FusionSpec
   joint_dim: int  # width of the shared embedding space
-  max_digits: int  # digit positions predicted by the pretrain and fused heads
+  max_digits: int  # label positions predicted by the pretrain and fused heads
+  num_labels: int  # label classes of the position heads (each adds an end class) and the CTC head (adds the blank)
   num_answers: int  # VQA answer classes
   vqa_hidden: int  # hidden units of the VQA answer head's residual MLP
   vqa_reader: str  # answer head input: "concat" (question + flattened image slots) | "slots" (SlotAnswerHead)
@@ -115,7 +117,7 @@ class CrucibleModel(nn.Module):
                         for m in c.modalities if c.tower(m).pool != "slots"}
     # One slot per digit position plus a summary slot: order-aware read-out of each modality's tokens.
     self.pools = {m: QueryPool(c.max_digits + 1, c.tower(m).heads, **head_kw) for m in c.modalities}
-    self.pretrain_heads = {m: ClassifierHead(DIGIT_CLASSES, **head_kw) for m in c.modalities}
+    self.pretrain_heads = {m: ClassifierHead(c.num_labels + 1, **head_kw) for m in c.modalities}
     scalar = lambda value: logical(nn.initializers.constant(value), ())
     self.logit_scale = self.param("logit_scale", scalar(LOGIT_SCALE_INIT), (), jnp.float32)
     self.logit_bias = self.param("logit_bias", scalar(LOGIT_BIAS_INIT), (), jnp.float32)
@@ -133,9 +135,9 @@ class CrucibleModel(nn.Module):
                        else ClassifierHead(c.num_answers, hidden=c.vqa_hidden, **head_kw))
     if AUDIO in c.modalities:
       self.tag_head = ClassifierHead(c.num_tags, **head_kw)
-      self.ctc_head = ClassifierHead(DIGIT_CLASSES, **head_kw)
+      self.ctc_head = ClassifierHead(c.num_labels + 1, **head_kw)
     self.fusion = AdaptiveFusion(c.modalities, dtype=c.fusion.dtype, param_dtype=c.param_dtype)
-    self.fused_head = ClassifierHead(c.max_digits * DIGIT_CLASSES, **head_kw)
+    self.fused_head = ClassifierHead(c.max_digits * (c.num_labels + 1), **head_kw)
     if c.routing is not None:
       self.router = c.routing.router()
     if c.converter is not None:
@@ -242,7 +244,7 @@ class CrucibleModel(nn.Module):
     if routing is not None:
       out["routing_aux"] = routing[1]
     out["present"] = present
-    digits_shape = (-1, c.max_digits, DIGIT_CLASSES)
+    positions_shape = (-1, c.max_digits, c.num_labels + 1)
     if "embed" in heads:
       out["embeddings"] = {m: self.projections[m](pooled[m]) for m in c.modalities}
       out["logit_scale"], out["logit_bias"] = self.logit_scale, self.logit_bias
@@ -266,7 +268,7 @@ class CrucibleModel(nn.Module):
       if train and c.balance.method == "ogm_ge":
         features, out["balance_coeffs"] = self._ogm_ge(batch, pooled, present)
       fused, out["fusion_weights"] = self.fusion(features, present)
-      out["fused_logits"] = self.fused_head(fused).reshape(digits_shape)
+      out["fused_logits"] = self.fused_head(fused).reshape(positions_shape)
     if set(heads) & set(converter_lib.CONVERTER_HEADS):
       out.update(converter_lib.converter_outputs(self, batch, encoded, pooled, heads, train))
     return out
@@ -283,13 +285,13 @@ class CrucibleModel(nn.Module):
     """OGM-GE on the pooled features: confidence of the fused head seeing each modality alone (no gradient)."""
     c = self.config
     digits, num_digits = _require(batch, "digits"), _require(batch, "num_digits")
-    targets = jnp.where(jnp.arange(c.max_digits)[None, :] < num_digits[:, None], digits, DIGIT_CLASSES - 1)
+    targets = position_targets(digits, num_digits, end=c.num_labels)
     weight = jnp.asarray(batch["weight"], jnp.float32) if "weight" in batch else jnp.ones(targets.shape[:1])
     frozen = {m: jax.lax.stop_gradient(x) for m, x in pooled.items()}
     confidence = {}
     for m in pooled:
       alone = {j: present[j] if j == m else jnp.zeros_like(present[j]) for j in present}
-      logits = self.fused_head(self.fusion(frozen, alone)[0]).reshape(-1, c.max_digits, DIGIT_CLASSES)
+      logits = self.fused_head(self.fusion(frozen, alone)[0]).reshape(-1, c.max_digits, c.num_labels + 1)
       confidence[m] = balance_lib.true_class_confidence(logits, targets)
     coeffs = balance_lib.ogm_coefficients(balance_lib.modality_scores(confidence, present, weight), c.balance.alpha)
     if not self.has_rng("dropout"):

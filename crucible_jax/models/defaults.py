@@ -88,7 +88,8 @@ def default_model_config() -> ml_collections.ConfigDict:
   fusion.question_len = 32  # VQA question length, tokens
 
   cfg.heads = heads = ml_collections.ConfigDict()
-  heads.max_digits = 4  # longest digit string (positions predicted by pretrain/fused heads)
+  heads.max_digits = 4  # longest label sequence (positions predicted by pretrain/fused heads; DigitWorld: digits)
+  heads.num_labels = 10  # label classes of the position heads and the CTC head (DigitWorld: the digits 0-9)
   heads.num_answers = 48  # closed VQA answer vocabulary
   heads.vqa_hidden = 64  # hidden units of the VQA answer head's MLP (it combines question and image slots)
   heads.vqa_reader = "concat"  # answer head input: concat (question + flattened slots) | slots (sum over slots)

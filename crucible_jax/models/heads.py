@@ -1,7 +1,9 @@
 """Pooling, the projection into the shared embedding space, and task classifiers."""
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from crucible_jax.common_types import CLASSES, EMBED, JOINT, MLP
@@ -15,6 +17,16 @@ QUERY_INIT_STD = 1.0
 # (flattened); "cls" token 0 (CLIP image); "map" one learned probe (SigLIP image); "mean" masked mean; "eot" the
 # position of the largest token id (CLIP's end-of-text); "last" the last position (SigLIP text).
 POOLS: tuple[str, ...] = ("slots", "cls", "map", "mean", "eot", "last")
+
+
+def position_targets(labels: Int[Array, "b p"], lengths: Int[Array, "b"], end: int) -> Int[Array, "b p"]:
+  """Per-position class of label sequences: the label, or `end` (a position head's last class) past each length.
+
+  numpy in, numpy out (host evaluators); jax arrays or tracers in, jax out.
+  """
+  xp = jnp if isinstance(labels, jax.Array) or isinstance(lengths, jax.Array) else np
+  inside = xp.arange(labels.shape[1])[None, :] < xp.asarray(lengths)[:, None]
+  return xp.where(inside, labels, end)
 
 
 def masked_mean_pool(tokens: Float[Array, "b n d"], mask: Bool[Array, "b n"]) -> Float[Array, "b d"]:

@@ -14,12 +14,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from crucible_jax import tasks
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.data import pipeline as data_lib
 from crucible_jax.data.tokenizers import tokenizer_of
 from crucible_jax.data.verify import check_splits
 from crucible_jax.eval import plots
-from crucible_jax.eval.evaluators import build_evaluators
 from crucible_jax.parallel.distributed import any_process, fault_point
 from crucible_jax.train import curriculum, init_from, stages as stages_lib
 from crucible_jax.train.checkpoint import Checkpointer
@@ -192,7 +192,7 @@ class Trainer:
 
   def evaluate(self, params: Any, splits: tuple[str, ...]) -> dict[str, float]:
     """Every configured evaluator on each split; keys `split/task/metric`."""
-    evaluators = build_evaluators(self.config.evals)
+    evaluators = tasks.build_evaluators(self.config.evals)
     heads = tuple(sorted({h for e in evaluators.values() for h in e.heads}))
     eval_step = self.experiment.eval_step(heads)
     eval_batch = self.config.get("eval_batch_size", self.config.batch_size)
@@ -201,7 +201,7 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       for split in splits:
         fault_point("eval")
-        evaluators = build_evaluators(self.config.evals)
+        evaluators = tasks.build_evaluators(self.config.evals)
         for evaluator in evaluators.values():  # evaluators that need files or data (image_generation's recogniser)
           if hasattr(evaluator, "attach"):
             evaluator.attach(workdir=self.workdir, data=self.config.data, split=split)
@@ -241,9 +241,9 @@ class Trainer:
     if pairs and splits:
       plots.retrieval_examples(batch, outputs["embeddings"], pairs, out / "retrieval_examples.png",
                                tokenizer=tokenizer_of(self.config.data))
-    if "vqa" in self.config.evals:
-      from crucible_jax.data.digit_world import QUESTION_TYPES
-      plots.vqa_by_type(results, QUESTION_TYPES, out / "vqa_by_type.png")
+    question_types = tasks.source_extras(self.config.data.name).question_types
+    if "vqa" in self.config.evals and question_types:
+      plots.vqa_by_type(results, question_types, out / "vqa_by_type.png")
 
   def close(self) -> None:
     try:

@@ -12,8 +12,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-NO_DIGIT = 10  # class of "no digit at this position" in digit-string heads
-NUM_DIGIT_CLASSES = 10
+from crucible_jax.models.heads import position_targets
+
 _MASKED = -1e30  # finite stand-in for -inf: masked logsumexp stays NaN-free, also in gradients
 _HIGHEST = jax.lax.Precision.HIGHEST  # B x B similarities are cheap; keep them exact on every backend
 
@@ -199,29 +199,24 @@ def siglip_loss_sharded(a: Float[Array, "batch dim"], b: Float[Array, "batch dim
 # ---- Task losses. ----
 
 
-def digit_targets(digits: Int[Array, "batch max_digits"],
-                  num_digits: Int[Array, "batch"]) -> Int[Array, "batch max_digits"]:
-  """Per-position class: the digit, or NO_DIGIT past the end of the string."""
-  inside = jnp.arange(digits.shape[1])[None, :] < num_digits[:, None]
-  return jnp.where(inside, digits, NO_DIGIT)
-
-
-def digit_string_loss(logits: Float[Array, "batch max_digits 11"], digits: Int[Array, "batch max_digits"],
-                      num_digits: Int[Array, "batch"], weight: Weight = None) -> Float[Array, ""]:
-  """Cross-entropy per position (mean over positions), target NO_DIGIT past the end; weighted over samples."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), digit_targets(digits, num_digits))
+def position_loss(logits: Float[Array, "batch positions classes"], labels: Int[Array, "batch positions"],
+                  lengths: Int[Array, "batch"], weight: Weight = None) -> Float[Array, ""]:
+  """Cross-entropy per position (mean over positions), target the end class (the last) past each length; weighted
+  over samples."""
+  targets = position_targets(labels, lengths, end=logits.shape[-1] - 1)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   return weighted_mean(jnp.mean(ce, axis=1), weight)
 
 
-def digit_multi_hot(digits: Int[Array, "batch max_digits"]) -> Float[Array, "batch 10"]:
-  """1 for every digit class the string contains (padding -1 matches nothing)."""
-  return jnp.any(digits[:, :, None] == jnp.arange(NUM_DIGIT_CLASSES), axis=1).astype(jnp.float32)
+def multi_hot(labels: Int[Array, "batch positions"], num_classes: int) -> Float[Array, "batch classes"]:
+  """1 for every class the sequence contains (padding -1 matches nothing)."""
+  return jnp.any(labels[:, :, None] == jnp.arange(num_classes), axis=1).astype(jnp.float32)
 
 
-def multilabel_loss(tag_logits: Float[Array, "batch 10"], digits: Int[Array, "batch max_digits"],
+def multilabel_loss(tag_logits: Float[Array, "batch classes"], labels: Int[Array, "batch positions"],
                     weight: Weight = None) -> Float[Array, ""]:
-  """Sigmoid BCE (mean over the 10 classes) against the multi-hot of the digits present."""
-  bce = optax.sigmoid_binary_cross_entropy(tag_logits.astype(jnp.float32), digit_multi_hot(digits))
+  """Sigmoid BCE (mean over the classes) against the multi-hot of the labels a sequence holds."""
+  bce = optax.sigmoid_binary_cross_entropy(tag_logits.astype(jnp.float32), multi_hot(labels, tag_logits.shape[-1]))
   return weighted_mean(jnp.mean(bce, axis=1), weight)
 
 
@@ -231,10 +226,10 @@ def softmax_ce(logits: Float[Array, "batch classes"], labels: Int[Array, "batch"
   return weighted_mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels), weight)
 
 
-def ctc_loss(logits: Float[Array, "batch frames 11"], logit_mask: Bool[Array, "batch frames"],
+def ctc_loss(logits: Float[Array, "batch frames classes"], logit_mask: Bool[Array, "batch frames"],
              digits: Int[Array, "batch max_digits"], num_digits: Int[Array, "batch"],
              weight: Weight = None) -> Float[Array, ""]:
-  """CTC (blank 0, digit d = class d+1), each sample's loss divided by its digit count; weighted mean.
+  """CTC (blank 0, label d = class d+1), each sample's loss divided by its digit count; weighted mean.
 
   Samples without any valid frame are excluded (their CTC loss is meaningless).
   """

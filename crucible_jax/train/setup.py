@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from crucible_jax import tasks
 from crucible_jax.data.schema import example_batch
 from crucible_jax.models import ALL_HEADS, build_model
 from crucible_jax.parallel import compression, mesh as mesh_lib, precision, rules as rules_lib
@@ -115,13 +116,16 @@ class Experiment:
 
   @functools.cached_property
   def _reference_glyphs(self) -> Any:
-    """DigitWorld's reference glyphs when `model.converter.image_target` asks for them (config validation checked
-    the dataset), else None; built once, not per stage."""
+    """The data source's reference glyphs (`tasks.source_extras`) when `model.converter.image_target` asks for them,
+    else None; built once, not per stage."""
     converter = self.config.model.get("converter")
     if converter is None or not converter.enabled or converter.get("image_target", "sample") != "reference":
       return None
-    from crucible_jax.data.digit_world.draw import reference_glyphs_of  # pylint: disable=g-import-not-at-top
-    return reference_glyphs_of(self.config.data)
+    draw = tasks.source_extras(self.config.data.name).reference_glyphs
+    if draw is None:
+      raise ValueError(f"model.converter.image_target='reference': data.name={self.config.data.name!r} registers no "
+                       f"reference glyphs (use 'sample')")
+    return draw(self.config.data)
 
   def trained(self, plan: stages_lib.StagePlan) -> Any | None:
     """Which params the stage's compressed gradient reduction sends (`compression.trained_leaves`); None when
