@@ -193,19 +193,17 @@ def _train(args, config) -> int:
 
 
 def _eval(args, config) -> int:
+  from crucible_jax import inference
   from crucible_jax.data.verify import check_splits
-  from crucible_jax.train.loop import Trainer
+  from crucible_jax.parallel.mesh import build_mesh
+  from crucible_jax.train.evaluate import evaluate_splits
   splits = tuple(args.split or config.get("eval_splits", ("test",)))
-  try:  # creates nothing; no checkpoint: FileNotFoundError
-    trainer = Trainer(config, args.workdir, read_only=True)
-  except ValueError as e:  # as in _train
+  check_splits(config.data, splits)
+  try:  # params only (no optimizer state, train iterator or metric files); creates nothing; none: FileNotFoundError
+    model = inference.load(args.workdir, config=config, mesh=build_mesh(dict(config.mesh)))
+  except ValueError as e:  # as in _train (mesh, param patterns), or the params do not fit this config
     return _config_error(e)
-  try:
-    check_splits(config.data, splits)
-    params = trainer.restore_final_params()
-    results = trainer.evaluate(params, splits=splits)
-  finally:
-    trainer.close()
+  results = evaluate_splits(model.experiment, model.params, splits, args.workdir)
   print(json.dumps(results, indent=2, sort_keys=True))
   return 0
 

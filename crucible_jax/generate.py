@@ -131,25 +131,19 @@ def run(args: argparse.Namespace, config: Any) -> int:
   import jax
   from crucible_jax.data.schema import example_batch
   from crucible_jax.data.tokenizers import byte
+  from crucible_jax import inference
   from crucible_jax.models import converter as converter_lib
   from crucible_jax.parallel.mesh import build_mesh
-  from crucible_jax.train.loop import Trainer
   try:  # the input first: a bad file costs no restore
     batch = build_input(args, config.data, example_batch(config.data, 1))
   except ValueError as e:
     return _error(str(e), 1)
   mesh = build_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])  # one input: one device
-  try:
-    trainer = Trainer(config, args.workdir, mesh=mesh, read_only=True)  # creates nothing in the workdir
+  try:  # params only: no optimizer state, train iterator or metric files; creates nothing in the workdir
+    loaded = inference.load(args.workdir, config=config, mesh=mesh)
   except FileNotFoundError as e:
     return _error(str(e), 1)
-  try:
-    params = trainer.restore_final_params()
-  except FileNotFoundError as e:
-    return _error(str(e), 1)
-  finally:
-    trainer.close()
-  model, rules = trainer.experiment.model, trainer.experiment.rules
+  params, model, rules = loaded.params, loaded.experiment.model, loaded.experiment.rules
   if args.target == "text":
     method, extra = converter_lib.generate_caption, (args.beam,)
   else:

@@ -122,14 +122,20 @@ def _abstract_params(experiment: Experiment) -> Any:
                       experiment.abstract_params, experiment.param_shardings)
 
 
-def load(path: str | pathlib.Path, devices: Sequence[jax.Device] | None = None) -> InferenceModel:
-  """Config and final params of a workdir (newest checkpoint) or a params directory, on a data mesh of `devices`
-  (default: this process's first device)."""
+def load(path: str | pathlib.Path, devices: Sequence[jax.Device] | None = None, *,
+         config: ml_collections.ConfigDict | None = None, mesh: jax.sharding.Mesh | None = None) -> InferenceModel:
+  """Config and final params of a workdir (newest checkpoint) or a params directory.
+
+  By default the saved config on a data mesh of `devices` (default: this process's first device), batches any
+  multiple of it. `config` (validated, e.g. `crucible eval --config`) replaces the saved one; `mesh` replaces the
+  data mesh and keeps the config's batch sizes.
+  """
   path = pathlib.Path(path)
-  config = read_config(path)
-  mesh = mesh_lib.build_mesh({"data": -1}, devices or jax.local_devices()[:1])
-  with config.unlocked():
-    config.batch_size = mesh_lib.num_data_shards(mesh)  # inference batches are any multiple of the mesh
+  config = read_config(path) if config is None else config.copy_and_resolve_references()
+  if mesh is None:
+    mesh = mesh_lib.build_mesh({"data": -1}, devices or jax.local_devices()[:1])
+    with config.unlocked():
+      config.batch_size = mesh_lib.num_data_shards(mesh)  # inference batches are any multiple of the mesh
   experiment = Experiment(config, mesh)
   abstract = _abstract_params(experiment)
   if (path / PARAMS_DIR).is_dir():

@@ -1,12 +1,18 @@
-"""Run the configured evaluators over a data split with a compiled eval step."""
+"""Run the configured evaluators over data splits with a compiled eval step: the trainer's final evaluation and
+`crucible eval` (params from `inference.load`, no Trainer)."""
 
+import pathlib
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from crucible_jax import tasks
 from crucible_jax.common_types import MODALITIES
+from crucible_jax.data import pipeline as data_lib
+from crucible_jax.parallel.distributed import fault_point
+from crucible_jax.train.setup import Experiment
 
 
 def global_host_view(outputs: Any, device_batch: Mapping[str, jax.Array],
@@ -42,4 +48,27 @@ def evaluate_split(eval_step: Callable, params: Any, batches: Iterable[dict], ev
   results = {}
   for evaluator in evaluators.values():
     results.update(evaluator.result())
+  return results
+
+
+def evaluate_splits(experiment: Experiment, params: Any, splits: tuple[str, ...],
+                    workdir: str | pathlib.Path) -> dict[str, float]:
+  """Every evaluator of `experiment.config.evals` on each split; keys `split/task/metric`. Evaluators that need
+  files (image_generation's recogniser) keep them under `workdir`."""
+  config = experiment.config
+  heads = tuple(sorted({h for e in tasks.build_evaluators(config.evals).values() for h in e.heads}))
+  eval_step = experiment.eval_step(heads)
+  eval_batch = config.get("eval_batch_size", config.batch_size)
+  to_device = lambda b: data_lib.to_global_batch(b, experiment.batch_sharding)
+  results = {}
+  with jax.set_mesh(experiment.mesh):
+    for split in splits:
+      fault_point("eval")
+      evaluators = tasks.build_evaluators(config.evals)
+      for evaluator in evaluators.values():
+        if hasattr(evaluator, "attach"):
+          evaluator.attach(workdir=pathlib.Path(workdir), data=config.data, split=split)
+      batches = data_lib.make_eval_batches(config.data, split, batch_size=eval_batch)
+      scores = evaluate_split(eval_step, params, batches, evaluators, to_device)
+      results.update({f"{split}/{k}": v for k, v in scores.items()})
   return results

@@ -23,7 +23,7 @@ from crucible_jax.eval import plots
 from crucible_jax.parallel.distributed import any_process, fault_point
 from crucible_jax.train import curriculum, init_from, stages as stages_lib
 from crucible_jax.train.checkpoint import Checkpointer
-from crucible_jax.train.evaluate import evaluate_split, global_host_view
+from crucible_jax.train.evaluate import evaluate_splits, global_host_view
 from crucible_jax.train.hooks import HookEntry, MetricSink, Progress, StepInfo, scalars_of
 from crucible_jax.train.programs import StagePrograms
 from crucible_jax.train.setup import Experiment
@@ -192,23 +192,7 @@ class Trainer:
 
   def evaluate(self, params: Any, splits: tuple[str, ...]) -> dict[str, float]:
     """Every configured evaluator on each split; keys `split/task/metric`."""
-    evaluators = tasks.build_evaluators(self.config.evals)
-    heads = tuple(sorted({h for e in evaluators.values() for h in e.heads}))
-    eval_step = self.experiment.eval_step(heads)
-    eval_batch = self.config.get("eval_batch_size", self.config.batch_size)
-    to_device = lambda b: data_lib.to_global_batch(b, self.experiment.batch_sharding)
-    results = {}
-    with jax.set_mesh(self.mesh):
-      for split in splits:
-        fault_point("eval")
-        evaluators = tasks.build_evaluators(self.config.evals)
-        for evaluator in evaluators.values():  # evaluators that need files or data (image_generation's recogniser)
-          if hasattr(evaluator, "attach"):
-            evaluator.attach(workdir=self.workdir, data=self.config.data, split=split)
-        batches = data_lib.make_eval_batches(self.config.data, split, batch_size=eval_batch)
-        scores = evaluate_split(eval_step, params, batches, evaluators, to_device)
-        results.update({f"{split}/{k}": v for k, v in scores.items()})
-    return results
+    return evaluate_splits(self.experiment, params, splits, self.workdir)
 
   def _write_results(self, results: dict[str, float]) -> None:
     if jax.process_index() != 0:
