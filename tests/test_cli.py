@@ -3,12 +3,15 @@
 import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from crucible_jax import cli
+from crucible_jax.data import pipeline
+from crucible_jax.train import checkpoint
 
 ROOT = pathlib.Path(__file__).parent.parent
 TINY = f"{ROOT / 'experiments' / 'digit_world.py'}:tiny"
@@ -99,10 +102,23 @@ def test_train_writes_results_contract(trained):
   assert (workdir / "metrics.jsonl").exists() and (workdir / "plots" / "retrieval_examples.png").exists()
 
 
-def test_eval_prints_the_trained_metrics(trained, capsys):
-  workdir, results = trained
+def test_eval_prints_the_trained_metrics_from_params_alone(trained, capsys, tmp_path, monkeypatch):
+  """Eval reads the checkpoint's params only: no train iterator, optimizer state, metrics or TensorBoard files."""
+  trained_dir, results = trained
+  workdir = pathlib.Path(shutil.copytree(trained_dir, tmp_path / "w", ignore=shutil.ignore_patterns(
+      "metrics.jsonl", "tensorboard", "plots", "crucible.log")))
+  (workdir / "metrics.jsonl").mkdir()  # opening either would fail, even as root
+  (workdir / "tensorboard").write_text("not a directory")
+  before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("crucible eval must not build a train iterator or restore a train state")
+
+  monkeypatch.setattr(pipeline, "make_train_iterator", refuse)
+  monkeypatch.setattr(checkpoint.Checkpointer, "restore", refuse)
   capsys.readouterr()
   assert cli.main(["eval", "--config", TINY, "--workdir", str(workdir), *SHORT]) == 0
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
   out = capsys.readouterr().out
   printed = json.loads(out[out.index("{"):])
   expected = {k: v for k, v in results.items() if k not in ("wall_s", "steps")}
