@@ -1,4 +1,4 @@
-"""The `crucible` command line: help, prepare, config errors, train → results.json → eval, and the console script."""
+"""The `crucible` command line: help, prepare, config errors, train → results.json → eval, the console script."""
 
 import json
 import pathlib

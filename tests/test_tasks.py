@@ -88,8 +88,8 @@ def test_a_registered_task_trains_and_evaluates_by_name():
     def result(self):
       return {"quiet/rows": self.rows * self.scale}
 
-  tasks.register(tasks.Task("quiet", head="tagging", outputs=("tag_logits",), modalities=tasks.fixed("quiet", ("audio",)),
-                            term=term, evaluators={"quiet_rows": Count}))
+  tasks.register(tasks.Task("quiet", head="tagging", outputs=("tag_logits",),
+                            modalities=tasks.fixed("quiet", ("audio",)), term=term, evaluators={"quiet_rows": Count}))
   heads, objective = objectives.build_objective({"quiet": 2.0})
   loss, metrics = objective({"tag_logits": jnp.full((3, 4), 2.0)}, {})
   assert heads == ("tagging",) and float(loss) == 8.0 and float(metrics["loss/quiet"]) == 4.0
@@ -103,5 +103,5 @@ def test_a_registered_task_trains_and_evaluates_by_name():
 
 def test_a_digit_world_task_on_another_source_is_a_config_error():
   load_experiment(f"{ROOT / 'experiments' / 'digit_world.py'}:tiny")  # DigitWorld's tasks are registered now
-  with pytest.raises(ConfigError, match="stages.joint.objective.fused: task 'fused' belongs to data.name='digit_world'"):
+  with pytest.raises(ConfigError, match="objective.fused: task 'fused' belongs to data.name='digit_world'"):
     load_experiment(str(ROOT / "experiments" / "audioset.py"), ["stages.joint.objective={'fused': 1.0}"])

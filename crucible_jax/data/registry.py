@@ -34,7 +34,8 @@ def _benchmark(data_cfg: ml_collections.ConfigDict) -> None:
 
 
 SOURCES: dict[str, DataSource] = {
-    "digit_world": DataSource("crucible_jax.data.pipeline", validate_data_config, "crucible_jax.data.digit_world.tasks"),
+    "digit_world": DataSource("crucible_jax.data.pipeline", validate_data_config,
+                              tasks="crucible_jax.data.digit_world.tasks"),
     **{name: DataSource("crucible_jax.data.benchmarks", _benchmark) for name in benchmarks.BENCHMARKS},
     "own": DataSource("crucible_jax.data.own.source", validate_own_data),
     "pretrained": DataSource("crucible_jax.data.no_data", no_data.validate),  # a converted checkpoint: no dataset

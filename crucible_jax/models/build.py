@@ -167,7 +167,8 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
   return CrucibleModel(ModelConfig(
       modalities=modalities, towers=towers, image_patch=tuple(patch), video_tubelet=tuple(tubelet),
       audio_frontend=frontend, text_vocab=text_vocab, fusion=fusion, joint_dim=_positive(cfg, "joint_dim"),
-      max_digits=_positive(cfg, "heads.max_digits"), num_labels=_num_labels(cfg), num_answers=_positive(cfg, "heads.num_answers"),
+      max_digits=_positive(cfg, "heads.max_digits"), num_labels=_num_labels(cfg),
+      num_answers=_positive(cfg, "heads.num_answers"),
       vqa_hidden=_positive(cfg, "heads.vqa_hidden"), vqa_reader=_choice(cfg, "heads.vqa_reader", VQA_READERS),
       num_tags=_positive(cfg, "heads.num_tags"),
       dtype=_dtype(cfg, "dtype"), param_dtype=_dtype(cfg, "param_dtype"),

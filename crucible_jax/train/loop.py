@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from crucible_jax import tasks
 from crucible_jax.common_types import MODALITIES

@@ -6,7 +6,7 @@ Spec keys (weight 0 = off) are `<task>[/<arg>]` of a registered task (`crucible_
 Every term's value is reported as `loss/<key>`, so a gradient-balancing scheme can read the per-term losses.
 """
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp

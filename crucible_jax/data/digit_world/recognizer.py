@@ -29,6 +29,11 @@ from crucible_jax.models.heads import position_targets
 CLASSES = 11  # digits 0-9 and the end class
 
 
+def _targets(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+  """[B, D] per-position classes: the digit, the end class past the string."""
+  return position_targets(np.asarray(batch["digits"]), np.asarray(batch["num_digits"]), end=CLASSES - 1)
+
+
 class DigitRecognizer(nn.Module):
   """Two conv/pool blocks and an MLP: image [B, H, W, C] -> per-position digit logits [B, D, 11]."""
 
@@ -99,7 +104,7 @@ def load_or_train_recognizer(workdir: pathlib.Path, data: ml_collections.ConfigD
   for batch in pipeline.make_eval_batches(data, "train", batch_size=256):
     real = real_rows(batch) & np.asarray(batch.get(present_key(IMAGE), True), bool)
     images.append(np.asarray(batch[IMAGE])[real])
-    targets.append(position_targets(np.asarray(batch["digits"]), np.asarray(batch["num_digits"]), end=CLASSES - 1)[real])
+    targets.append(_targets(batch)[real])
     if sum(len(x) for x in images) >= examples:
       break
   params = train_recognizer(np.concatenate(images)[:examples], np.concatenate(targets)[:examples], steps=steps)
@@ -135,7 +140,7 @@ class ImageGenerationEvaluator:
   def update(self, outputs, batch):
     if self.recognizer is None:
       raise ValueError("image_generation evaluator: call attach(workdir=, data=, split=) first (the trainer does)")
-    real, targets = real_rows(batch), position_targets(np.asarray(batch["digits"]), np.asarray(batch["num_digits"]), end=CLASSES - 1)
+    real, targets = real_rows(batch), _targets(batch)
     sources = {m: np.asarray(outputs["images"][m]) for m in self.sources}
     for m, images in (*sources.items(), ("real", np.asarray(batch[IMAGE]))):
       keep = real & present_rows(outputs, batch, IMAGE if m == "real" else m)
