@@ -144,20 +144,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.loss_kind not in tasks.LOSS_KINDS:
     raise ConfigError(f"loss_kind must be one of {tasks.LOSS_KINDS}, got {config.loss_kind!r}")
   try:  # first: the source registers its own tasks, which the stages and evals may name
-    registry.validate(config.data)
+    registry.register_tasks(config.data.name)
   except ValueError as e:
     raise ConfigError(str(e)) from e
-  _validate_mesh(config)
-  _validate_modalities(config)
-  _validate_stages(config)
   converter = config.model.get("converter")
   if (converter is not None and converter.get("enabled", False) and converter.get("image_target") == "reference"
       and tasks.source_extras(config.data.name).reference_glyphs is None):
     raise ConfigError(f"model.converter.image_target='reference' draws the source's reference glyphs; data.name="
                       f"{config.data.get('name')!r} registers none (use 'sample')")
+  _validate_mesh(config)
+  _validate_modalities(config)
+  _validate_stages(config)
   tokenizer = config.data.get("tokenizer", {}).get("kind", "byte")
   if converter is not None and converter.get("enabled", False) and tokenizer != "byte":
     raise ConfigError(f"model.converter captions in byte tokens; data.tokenizer.kind={tokenizer!r} (use 'byte')")
+  try:
+    registry.validate(config.data)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
 
 
 def _validate_mesh(config: ml_collections.ConfigDict) -> None:

@@ -207,7 +207,7 @@ def test_imagine_term_targets_the_reference_hand_when_given_glyphs(tiny_model):
   bad.model.converter.image_target = "pixels"
   with pytest.raises(ValueError, match="image_target='pixels'"):
     build_model(bad.model)
-  with pytest.raises(ValueError, match="data.name is 'coco'"):  # the reference hand needs DigitWorld's digits
+  with pytest.raises(ValueError, match="data.name='coco' registers none"):  # the reference hand: DigitWorld's glyphs
     load_experiment(f"{DIGIT_WORLD}:tiny,generate", ["--config.data.name=coco"])
 
 

@@ -51,9 +51,8 @@ def source_of(name: str) -> DataSource:
 
 def validate(data_cfg: ml_collections.ConfigDict) -> None:
   """The config-load check of `data_cfg`'s source; registers the source's own tasks."""
-  source = source_of(data_cfg.name)
-  source.validate(data_cfg)
   register_tasks(data_cfg.name)
+  source_of(data_cfg.name).validate(data_cfg)
 
 
 def register_tasks(name: str) -> None:
