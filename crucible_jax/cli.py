@@ -1,5 +1,5 @@
-"""`crucible train | eval | config | bench | prepare | generate | tokenizer | convert | embed | export | index | serve
-| client`: the command line over experiment files."""
+"""`crucible train | eval | config | bench | prepare | generate | tokenizer | convert | embed | zeroshot | retrieval
+| export | index | serve | client`: the command line over experiment files."""
 
 import argparse
 import importlib
@@ -58,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
   add_generate_parser(sub)
   config_cli.add_parser(sub, CONFIG_HELP)
   tokenizer_cli.add_parser(sub)
-  from crucible_jax import convert, embed  # numpy only
-  convert.add_parser(sub)
-  embed.add_parser(sub)
+  from crucible_jax import convert, embed, retrieval_cli, zeroshot_cli  # numpy only
+  for module in (convert, embed, zeroshot_cli, retrieval_cli):
+    module.add_parser(sub)
   serve_commands.add_parsers(sub)
 
   prepare = sub.add_parser("prepare", help="build a dataset into the data directory")
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     return _config_error(e)
   command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate,
              "config": config_cli.run, "tokenizer": tokenizer_cli.run, "convert": _lazy("convert"),
-             "embed": _lazy("embed"), **dict.fromkeys(serve_commands.COMMANDS, serve_commands.run)}[args.command]
+             "embed": _lazy("embed"), "zeroshot": _lazy("zeroshot_cli"), "retrieval": _lazy("retrieval_cli"),
+             **dict.fromkeys(serve_commands.COMMANDS, serve_commands.run)}[args.command]
   _route_library_logs(args.verbose)
   try:
     return command(args, config)

@@ -8,7 +8,7 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,30 +32,45 @@ def _native_image(path: str, size: tuple[int, int], channels: int) -> np.ndarray
   return np.asarray(image, np.float32).reshape(*size, channels) / 255.0
 
 
+def image_inputs(model: Any, paths: Sequence[str]) -> dict[str, np.ndarray]:
+  """Image files as the model's image batch keys: a converted checkpoint's preprocessing, else the run's size."""
+  pretrained = model.config.get("pretrained")
+  if pretrained is not None:
+    from crucible_jax.interop.preprocess import load_image  # pylint: disable=g-import-not-at-top
+    pixels = [load_image(p, pretrained.preprocess) for p in paths]
+  else:
+    data = model.config.data
+    pixels = [_native_image(p, tuple(data.image_size), int(data.get("channels", 1))) for p in paths]
+  return {"image": np.stack(pixels)}
+
+
+def text_inputs(model: Any, root: pathlib.Path, texts: Sequence[str]) -> dict[str, np.ndarray]:
+  """Strings as token ids: a converted checkpoint's tokenizer (files under `root`), else the run's."""
+  pretrained = model.config.get("pretrained")
+  if pretrained is not None:
+    from crucible_jax.interop.tokenizers import from_spec  # pylint: disable=g-import-not-at-top
+    return {"text": from_spec(pretrained.tokenizer, root).encode(list(texts))}
+  from crucible_jax.data.tokenizers import tokenizer_of  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizer_of(model.config.data)
+  return {"text": np.stack([tokenizer.encode(t) for t in texts])}
+
+
+def audio_inputs(model: Any, paths: Sequence[str]) -> dict[str, np.ndarray]:
+  """WAV files as the model's audio batch keys (resampled, cut or padded to the run's length)."""
+  from crucible_jax.generate import read_audio  # pylint: disable=g-import-not-at-top
+  waves, lengths = zip(*(read_audio(p, model.config.data) for p in paths))
+  return {"audio": np.stack(waves), "audio_len": np.asarray(lengths, np.int32)}
+
+
 def _inputs(model: Any, root: pathlib.Path, args: argparse.Namespace) -> dict[str, dict[str, np.ndarray]]:
   """Each requested modality's batch keys, read and preprocessed in input order."""
-  config, out = model.config, {}
-  pretrained = config.get("pretrained")
+  out = {}
   if args.images:
-    if pretrained is not None:
-      from crucible_jax.interop.preprocess import load_image  # pylint: disable=g-import-not-at-top
-      pixels = [load_image(p, pretrained.preprocess) for p in args.images]
-    else:
-      pixels = [_native_image(p, tuple(config.data.image_size), int(config.data.get("channels", 1)))
-                for p in args.images]
-    out["image"] = {"image": np.stack(pixels)}
+    out["image"] = image_inputs(model, args.images)
   if args.texts:
-    if pretrained is not None:
-      from crucible_jax.interop.tokenizers import from_spec  # pylint: disable=g-import-not-at-top
-      ids = from_spec(pretrained.tokenizer, root).encode(args.texts)
-    else:
-      from crucible_jax.data.tokenizers import tokenizer_of  # pylint: disable=g-import-not-at-top
-      ids = np.stack([tokenizer_of(config.data).encode(t) for t in args.texts])
-    out["text"] = {"text": ids}
+    out["text"] = text_inputs(model, root, args.texts)
   if args.audio:
-    from crucible_jax.generate import read_audio  # pylint: disable=g-import-not-at-top
-    waves, lengths = zip(*(read_audio(p, config.data) for p in args.audio))
-    out["audio"] = {"audio": np.stack(waves), "audio_len": np.asarray(lengths, np.int32)}
+    out["audio"] = audio_inputs(model, args.audio)
   return out
 
 

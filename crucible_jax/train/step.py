@@ -46,18 +46,27 @@ def stop_frozen(params: Any, frozen: Any) -> Any:
   return jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
 
 
+def make_forward_fn(model: nn.Module, heads: tuple[str, ...], frozen: Any, rules: Rules = (),
+                    route: bool = True) -> Callable[[Any, Batch, jax.Array], dict]:
+  """`forward(params, batch, rng) -> outputs` of one training stage (dropout and routing rngs from `rng`)."""
+
+  def forward(params: Any, batch: Batch, rng: jax.Array) -> dict:
+    dropout_rng, router_rng = jax.random.split(rng)
+    with nn.logical_axis_rules(rules):
+      return model.apply({"params": stop_frozen(params, frozen)}, batch, train=True, heads=heads, route=route,
+                         rngs={"dropout": dropout_rng, "routing": router_rng})
+
+  return forward
+
+
 def make_loss_fn(model: nn.Module, objective: Objective, heads: tuple[str, ...], frozen: Any,
                  rules: Rules = (), route: bool = True) -> Callable[[Any, Batch, jax.Array], tuple[jax.Array, Metrics]]:
   """`loss_fn(params, batch, rng) -> (loss, metrics)` for one stage; activations constrained by `rules`;
   `route=False` bypasses the router's plan: every present modality is encoded (the stage's `route` field)."""
+  forward = make_forward_fn(model, heads, frozen, rules, route)
 
   def loss_fn(params: Any, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
-    dropout_rng, router_rng = jax.random.split(rng)
-    with nn.logical_axis_rules(rules):
-      outputs = model.apply({"params": stop_frozen(params, frozen)}, batch, train=True, heads=heads, route=route,
-                            rngs={"dropout": dropout_rng, "routing": router_rng})
-    loss, metrics = objective(outputs, batch)
-    return loss, metrics
+    return objective(forward(params, batch, rng), batch)
 
   return loss_fn
 
