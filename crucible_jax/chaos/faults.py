@@ -63,6 +63,9 @@ def _tail(outcome: Outcome) -> str:
   return lines[-1] if lines else f"exit {outcome.rc}"
 
 
+DAMAGES = ("truncate", "flip")
+
+
 def damage_file(path: pathlib.Path, damage: str) -> None:
   """`truncate`: cut `path` to half its size; `flip`: invert one byte in its middle (same size)."""
   size = path.stat().st_size
@@ -146,11 +149,11 @@ def _largest_file(step_dir: pathlib.Path) -> pathlib.Path:
   return max((p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST), key=lambda p: p.stat().st_size)
 
 
-def corrupt_ckpt(ctx: Context, n: int | None) -> list[Trial]:
+def corrupt_ckpt(ctx: Context, n: int | None, damages: tuple[str, ...] = DAMAGES) -> list[Trial]:
   """The finished reference run's newest checkpoint truncated / a byte flipped, then a rerun: it falls back to the
   previous checkpoint with a warning naming the file, and finishes with identical results."""
   trials = []
-  for damage in ("truncate", "flip")[:n or 2]:
+  for damage in damages[:n or len(damages)]:
     workdir = pathlib.Path(shutil.copytree(ctx.reference_dir, ctx.root(f"corrupt_{damage}")))
     newest, previous = _verified(workdir)[:2]
     victim = _largest_file(workdir / CHECKPOINTS_DIR / str(newest))
@@ -188,7 +191,7 @@ def enospc(ctx: Context, n: int | None) -> list[Trial]:
 # --- a damaged input shard -----------------------------------------------------------------------------------
 
 
-def bad_shard(ctx: Context, n: int | None) -> list[Trial]:
+def bad_shard(ctx: Context, n: int | None, damages: tuple[str, ...] = DAMAGES) -> list[Trial]:
   """A train ArrayRecord shard truncated / a byte flipped in a copy of the data: the run stops before its first
   step naming the file, and writes no checkpoint."""
   from crucible_jax.data.digit_world import builder  # tensorflow-datasets: only when this fault runs
@@ -198,7 +201,7 @@ def bad_shard(ctx: Context, n: int | None) -> list[Trial]:
   root = pathlib.Path(builder.data_dir_of(ctx.config.data))
   dataset = pathlib.Path(builder.prepare_digit_world(ctx.config.data).data_dir)
   trials = []
-  for damage in ("truncate", "flip")[:n or 2]:
+  for damage in damages[:n or len(damages)]:
     copy = pathlib.Path(shutil.copytree(dataset, ctx.root(f"data_{damage}") / dataset.relative_to(root)))
     data_root = ctx.root(f"data_{damage}")
     victim = sorted(copy.glob("*-train.array_record-*"))[0]
@@ -252,12 +255,12 @@ def nan(ctx: Context, n: int | None) -> list[Trial]:
 # --- compressed gradients ------------------------------------------------------------------------------------
 
 
-def compressed(ctx: Context, n: int | None) -> list[Trial]:
+def compressed(ctx: Context, n: int | None, methods: tuple[str, ...] = ("int8", "powersgd")) -> list[Trial]:
   """Per compression method: an uninterrupted run, and one killed during its second save (so it resumes from the
   first, mid-stage, with the error-feedback state restored): identical results and logged losses."""
   trials = []
   at = ctx.saves[1] if len(ctx.saves) > 1 else ctx.saves[0]
-  for method in ("int8", "powersgd")[:n or 2]:
+  for method in methods[:n or len(methods)]:
     method_arg = f"--config.compression.method={method}"
     straight, workdir = ctx.root(f"compressed_{method}_straight"), ctx.root(f"compressed_{method}")
     ctx.runner.train(f"compressed_{method}_straight", straight, method_arg)

@@ -4,14 +4,14 @@
 
 KIND: `enospc` (the save of global step STEP fails with ENOSPC in orbax's commit, as a full disk would), `nan_batch`
 (the input batch of global step STEP is NaN), `inf_grad` (the gradient of global step STEP is inf while its loss
-stays finite; `--seed` must be the run's config.seed). Faults are patched in from outside, so the library's own
-step holds no fault code.
+stays finite; `--seed` must be the run's config.seed; not under float16 loss scaling). Faults are patched in from
+outside, so the library's own step holds no fault code.
 """
 
 import argparse
 import errno
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,37 +55,24 @@ def _nan_batch_at(step: int) -> None:
   pipeline.to_global_batch = to_global_batch
 
 
-@jax.custom_vjp
-def _scale_grad(params: Any, scale: jax.Array) -> Any:
-  return params
-
-
-def _scale_grad_fwd(params, scale):
-  return params, scale
-
-
-def _scale_grad_bwd(scale, cotangent):
-  return jax.tree.map(lambda g: g * scale.astype(g.dtype), cotangent), jnp.zeros_like(scale)
-
-
-_scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
-
-
 def _inf_grad_at(step: int, seed: int) -> None:
   from crucible_jax.train import step as step_lib
   original = step_lib.make_train_step
 
   def make_train_step(loss_fn: Callable, *, grad_fn: Callable | None = None):
-    if grad_fn is not None:
-      raise ValueError("the inf_grad fault differentiates the loss itself: run it with compression.method='none'")
+    def plain(params, batch, comp_state, rng):
+      return (*jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng), comp_state)
 
-    def train_step(state, batch, rng):
+    reduce = grad_fn or plain
+
+    def poisoned(params, batch, comp_state, rng):
       # The trainer's step key is fold_in(key(seed), global step - 1): it tells the traced step which step it is.
       target = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), step - 1))
       scale = jnp.where(jnp.all(jax.random.key_data(rng) == target), jnp.inf, 1.0)
-      return original(lambda p, b, r: loss_fn(_scale_grad(p, scale), b, r))(state, batch, rng)
+      aux, grads, comp_state = reduce(params, batch, comp_state, rng)
+      return aux, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads), comp_state
 
-    return train_step
+    return original(loss_fn, grad_fn=poisoned)
 
   step_lib.make_train_step = make_train_step
 
@@ -102,14 +89,17 @@ def install(spec: str, seed: int = 0) -> None:
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="python -m crucible_jax.chaos.inject", description=__doc__)
+  own, crucible = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+  parser = argparse.ArgumentParser(prog="python -m crucible_jax.chaos.inject", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("fault", help="KIND@GLOBAL_STEP")
   parser.add_argument("--seed", type=int, default=0, help="the run's config.seed (inf_grad)")
-  parser.add_argument("crucible", nargs=argparse.REMAINDER, help="-- then the crucible command line")
-  args = parser.parse_args(argv)
+  args = parser.parse_args(own)
+  if not crucible:
+    parser.error("give the crucible command line after --")
   install(args.fault, args.seed)
   from crucible_jax import cli
-  return cli.main(args.crucible[1:] if args.crucible[:1] == ["--"] else args.crucible)
+  return cli.main(crucible)
 
 
 if __name__ == "__main__":
