@@ -48,14 +48,27 @@ def _passed(trials: list[faults_lib.Trial]) -> None:
     assert trial.survived and not trial.lost, trial
 
 
-def test_kill9_during_an_async_save_and_mid_stage_resumes_to_identical_results(ctx):
-  points = faults_lib.kill_points(ctx, 2)
-  assert points[0] == ("save", 2) and 2 < points[1][1] <= 8, points
-  trials = faults_lib.kill9(ctx, 2)
+def test_kill_points_start_with_the_first_save_and_are_distinct_ascending_steps(ctx):
+  points = faults_lib.kill_points(ctx, 4)
+  steps = [step for _, step in points]
+  assert points[0] == ("save", 2) and steps == sorted(set(steps)) and len(steps) == 4 and steps[-1] <= 8, points
+
+
+def test_kill_points_on_the_three_stage_tiny_run_cross_both_stage_boundaries(tmp_path):
+  config = load_experiment(CONFIG, [])  # 3 stages of 30 steps, a save every 20 and at each stage's end
+  tiny = faults_lib.Context(Runner(CONFIG, [], tmp_path, env={}), config, tmp_path, {}, np.random.default_rng(0))
+  assert tiny.saves == [20, 30, 40, 60, 80, 90]
+  points = faults_lib.kill_points(tiny, 5)
+  assert points[:3] == [("save", 20), ("save", 30), ("step", 31)] and len({s for _, s in points}) == 5, points
+
+
+def test_kill9_during_two_async_saves_resumes_to_identical_results(ctx):
+  # save@6 first waits for save 4 to commit, so the final run must resume from 4: int8's error feedback is restored.
+  trials = faults_lib.kill9(ctx, None, points=[("save", 2), ("save", 6)])
   _passed(trials)
-  assert "save of step 2 uncommitted: True" in trials[0].detail  # killed while orbax was still writing it
-  assert "resumed from global step 0" not in trials[1].detail, trials  # the final run restored a checkpoint
-  assert "results and logged losses identical" in trials[1].detail  # int8's error feedback came back with the state
+  assert all(f"save of step {s} uncommitted: True" in t.detail for t, s in zip(trials, (2, 6))), trials
+  assert "the next run resumed from global step 4" in trials[1].detail, trials
+  assert "results and logged losses identical" in trials[1].detail
 
 
 def test_powersgd_killed_during_a_save_resumes_with_its_error_feedback_to_identical_results(ctx):

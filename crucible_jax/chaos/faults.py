@@ -120,10 +120,11 @@ def _resumed_from(log: str) -> int:
   return max(found, default=0)
 
 
-def kill9(ctx: Context, n: int | None) -> list[Trial]:
-  """SIGKILL at `n` points of one run (each run resumes the last), then a final resume: results identical."""
+def kill9(ctx: Context, n: int | None, points: list[tuple[str, int]] | None = None) -> list[Trial]:
+  """SIGKILL at `n` points (default: `kill_points`) of one run (each run resumes the last), then a final resume:
+  results identical."""
   workdir = ctx.root("kill9")
-  points, trials, logs = kill_points(ctx, n or 5), [], []
+  points, trials, logs = points or kill_points(ctx, n or 5), [], []
   for i, (point, step) in enumerate(points):
     outcome = ctx.runner.train(f"kill9_{i}", workdir, freeze_at=f"{point}@{step}")
     in_flight = point == "save" and not (workdir / CHECKPOINTS_DIR / str(step) / MANIFEST).is_file()
