@@ -1,5 +1,5 @@
 """`crucible train | eval | config | bench | prepare | generate | tokenizer | convert | embed | zeroshot | retrieval
-| export | index | serve | client`: the command line over experiment files."""
+| export | index | serve | client | chaos`: the command line over experiment files."""
 
 import argparse
 import importlib
@@ -10,6 +10,7 @@ import sys
 import traceback
 
 from crucible_jax import config_cli, tokenizer_cli
+from crucible_jax.chaos import command as chaos_command  # stdlib only
 from crucible_jax.serve import commands as serve_commands  # stdlib only
 
 BENCH_KINDS = ("step", "data", "routing", "comm", "scaling", "search")
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
   for module in (convert, embed, zeroshot_cli, retrieval_cli):
     module.add_parser(sub)
   serve_commands.add_parsers(sub)
+  chaos_command.add_parser(sub)
 
   prepare = sub.add_parser("prepare", help="build a dataset into the data directory")
   prepare.add_argument("dataset", choices=("digit_world",))
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
   if unknown:
     print(f"crucible: error: unrecognised arguments: {' '.join(unknown)}", file=sys.stderr)
     return 2
+  args.overrides = overrides  # commands that start `crucible` children pass them on (chaos)
   from crucible_jax.config import ConfigError, load_experiment  # deferred: keeps --help instant
   try:
     config = load_experiment(args.config, overrides) if getattr(args, "config", None) else None
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
   command = {"train": _train, "eval": _eval, "bench": _bench, "prepare": _prepare, "generate": _generate,
              "config": config_cli.run, "tokenizer": tokenizer_cli.run, "convert": _lazy("convert"),
              "embed": _lazy("embed"), "zeroshot": _lazy("zeroshot_cli"), "retrieval": _lazy("retrieval_cli"),
+             "chaos": chaos_command.run,
              **dict.fromkeys(serve_commands.COMMANDS, serve_commands.run)}[args.command]
   _route_library_logs(args.verbose)
   try:

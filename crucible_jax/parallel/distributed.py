@@ -6,6 +6,7 @@ Joining and the flags must come before the first JAX computation (i.e. before th
 
 import logging
 import os
+import signal
 import sys
 from typing import Mapping, MutableMapping
 
@@ -19,8 +20,11 @@ INIT_TIMEOUT_S = 300
 HEARTBEAT_TIMEOUT_S = 100
 
 # `CRUCIBLE_FAULT=PROCESS:POINT` makes process PROCESS exit abruptly (os._exit(FAULT_EXIT)) on reaching POINT.
+# `CRUCIBLE_FAULT=PROCESS:POINT@STEP` fires only at that global step and freezes the process instead (SIGSTOP: every
+# thread stops where it is, a background save mid-write included), for a supervisor to `kill -9` it at that point.
 FAULT_ENV = "CRUCIBLE_FAULT"
-FAULT_POINTS = ("eval", "save")  # start of evaluation; right after a checkpoint save was started
+# start of evaluation; right after a checkpoint save was started; right after a step's update (before its hooks)
+FAULT_POINTS = ("eval", "save", "step")
 FAULT_EXIT = 13
 
 # Bytes up to which XLA merges small collectives into one (fewer launches; big enough to hide latency).
@@ -120,14 +124,20 @@ def any_process(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
-def fault_point(point: str, env: Mapping[str, str] = os.environ) -> None:
-  """Exit this process at once (no cleanup, like a crash) when `CRUCIBLE_FAULT` names it and `point`."""
+def fault_point(point: str, step: int | None = None, env: Mapping[str, str] = os.environ) -> None:
+  """Exit (or, for a `@STEP` spec, freeze) this process when `CRUCIBLE_FAULT` names it, `point` and `step`."""
   spec = env.get(FAULT_ENV)
   if not spec:
     return
   process, _, target = spec.partition(":")
-  if not process.isdigit() or target not in FAULT_POINTS:
-    raise ValueError(f"{FAULT_ENV}={spec!r}: expected PROCESS:POINT, POINT one of {FAULT_POINTS}")
-  if int(process) == jax.process_index() and target == point:
+  target, at, at_step = target.partition("@")
+  if not process.isdigit() or target not in FAULT_POINTS or (at and not at_step.isdigit()):
+    raise ValueError(f"{FAULT_ENV}={spec!r}: expected PROCESS:POINT[@GLOBAL_STEP], POINT one of {FAULT_POINTS}")
+  if int(process) != jax.process_index() or target != point or (at and int(at_step) != step):
+    return
+  if not at:
     print(f"crucible: {FAULT_ENV}: process {process} exits at {point!r}", file=sys.stderr, flush=True)
     os._exit(FAULT_EXIT)
+  print(f"crucible: {FAULT_ENV}: process {process} freezes at {point!r} of global step {step}", file=sys.stderr,
+        flush=True)
+  os.kill(os.getpid(), signal.SIGSTOP)

@@ -140,6 +140,7 @@ class Trainer:
         state, metrics = train_step(state, batch, jax.random.fold_in(self._base_rng, global_step))
         stage_step += 1
         info = StepInfo(plan.name, stage_step, plan.steps, global_step + 1, state, metrics)
+        fault_point("step", info.global_step)
         self._check_finite(info)
         for hook in self.hooks:
           if (global_step + 1) % hook.every == 0:
@@ -162,7 +163,7 @@ class Trainer:
     meta = {"stage": info.stage, "stage_index": plan.index, "stage_step": info.stage_step,
             "global_step": info.global_step}
     self.checkpointer.save(info.global_step, info.state, iterator, meta)
-    fault_point("save")
+    fault_point("save", info.global_step)
 
   def _checkpoint_hook(self, info: StepInfo) -> None:
     self._save(info, self._current_iterator)
