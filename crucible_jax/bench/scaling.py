@@ -136,11 +136,13 @@ def project_methods(none_gradient_bytes: float, flops_per_step: float, bytes_rat
   return out
 
 
-def measured_compression(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Each compression method's wire bytes and `bytes_ratio_vs_none` from the first stage's compiled programs on
-  all devices, and the uncompressed run's gradients as the payload of one all-reduce (wire bytes / (2(n-1)/n))."""
+def measured_compression(config: ml_collections.ConfigDict, none_wire_bytes: float | None = None) -> dict[str, Any]:
+  """Each compression method's wire bytes and `bytes_ratio_vs_none` from the first stage's programs compiled on all
+  devices ('none' given as `none_wire_bytes` when already measured), and the uncompressed gradients as the payload
+  of one all-reduce (wire bytes / (2(n-1)/n))."""
   n = jax.device_count()
-  wire = {m: comm.compile_method(config, m, 1)["traffic"]["gradient_bytes"] for m in compression.METHODS}
+  wire = {m: comm.compile_method(config, m, 1)["traffic"]["gradient_bytes"]
+          if m != "none" or none_wire_bytes is None else none_wire_bytes for m in compression.METHODS}
   return {"gradient_wire_bytes_per_device": wire, "ratios": {m: wire["none"] / max(b, 1.0) for m, b in wire.items()},
           "none_allreduce_payload_bytes": wire["none"] / (2 * (n - 1) / n)}
 
@@ -158,7 +160,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   top = counts[-1]
   fsdp = table["fsdp"][str(top)]
   fraction = (fsdp["params_bytes"] + fsdp["opt_state_bytes"]) / replicated
-  measured = measured_compression(config) if jax.device_count() > 1 else None
+  dp_all = table["dp"].get(str(jax.device_count()))  # dp over every device: the uncompressed program, compiled
+  measured = (measured_compression(config, dp_all["comm"]["gradient_bytes"] if dp_all else None)
+              if jax.device_count() > 1 else None)
   return {
       **device_info(), "stage": config.stage_order[0], "batch_size": config.batch_size,
       "num_params": single["num_params"], "layouts": table,
