@@ -10,6 +10,8 @@ Per compression method the same model runs with the gradient bytes shrunk by the
 `bytes_ratio_vs_none`, for an NVLink network and for 100 Gb/s Ethernet between hosts.
 """
 
+import sys
+import time
 from typing import Any, Callable
 
 import jax
@@ -76,9 +78,12 @@ def measure(config: ml_collections.ConfigDict, layout: str, n: int) -> dict[str,
   """Compile the first stage's step for `layout` on the first `n` devices; memory, traffic and FLOPs."""
   experiment, abstract, shardings = layout_setup(config, layout, n)
   batch = experiment.abstract_batch()
+  start = time.perf_counter()
   with jax.set_mesh(experiment.mesh):
     step = experiment.train_step(experiment.plans[0], shardings)
     compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
+  print(f"bench scaling: {layout} on {n} devices compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr,
+        flush=True)
   memory = compiled.memory_analysis()
   mem = {k: int(getattr(memory, f"{k}_size_in_bytes", 0) or 0)
          for k in ("argument", "output", "temp", "alias", "generated_code")}
@@ -117,24 +122,29 @@ def project(num_params: int, flops_per_step: float, a: dict[str, Any] = ASSUMPTI
   return out
 
 
-def project_methods(num_params: int, flops_per_step: float, bytes_ratio_vs_none: dict[str, float],
+def project_methods(none_gradient_bytes: float, flops_per_step: float, bytes_ratio_vs_none: dict[str, float],
                     a: dict[str, Any] = ASSUMPTIONS) -> dict[str, Any]:
-  """Per compression method and link: efficiency at 8/16/32 GPUs (no overlap) when the uncompressed float32
-  gradient bytes shrink by the method's measured `bytes_ratio_vs_none`."""
+  """Per compression method and link: efficiency at 8/16/32 GPUs (no overlap) when the uncompressed run's gradient
+  all-reduce (`none_gradient_bytes`, measured) shrinks by the method's measured `bytes_ratio_vs_none`."""
   compute_s = flops_per_step / (a["a100_peak_flops"] * a["mfu"])
   out: dict[str, Any] = {}
   for method, ratio in bytes_ratio_vs_none.items():
-    grad_bytes = num_params * a["gradient_bytes_per_param"] / ratio
+    grad_bytes = none_gradient_bytes / ratio
     out[method] = {"bytes_ratio_vs_none": ratio, "gradient_bytes": grad_bytes}
     for link, bw in LINKS.items():
       out[method][link] = {str(n): compute_s / (compute_s + allreduce_s(grad_bytes, n, bw, a)) for n in CLAIMS}
   return out
 
 
-def measured_ratios(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """bytes_ratio_vs_none of each compression method, from the first stage's compiled programs on all devices."""
-  grad_bytes = {m: comm.compile_method(config, m, 1)["traffic"]["gradient_bytes"] for m in compression.METHODS}
-  return {m: grad_bytes["none"] / max(b, 1.0) for m, b in grad_bytes.items()}
+def measured_compression(config: ml_collections.ConfigDict, none_wire_bytes: float | None = None) -> dict[str, Any]:
+  """Each compression method's wire bytes and `bytes_ratio_vs_none` from the first stage's programs compiled on all
+  devices ('none' given as `none_wire_bytes` when already measured), and the uncompressed gradients as the payload
+  of one all-reduce (wire bytes / (2(n-1)/n))."""
+  n = jax.device_count()
+  wire = {m: comm.compile_method(config, m, 1)["traffic"]["gradient_bytes"]
+          if m != "none" or none_wire_bytes is None else none_wire_bytes for m in compression.METHODS}
+  return {"gradient_wire_bytes_per_device": wire, "ratios": {m: wire["none"] / max(b, 1.0) for m, b in wire.items()},
+          "none_allreduce_payload_bytes": wire["none"] / (2 * (n - 1) / n)}
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -150,6 +160,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   top = counts[-1]
   fsdp = table["fsdp"][str(top)]
   fraction = (fsdp["params_bytes"] + fsdp["opt_state_bytes"]) / replicated
+  dp_all = table["dp"].get(str(jax.device_count()))  # dp over every device: the uncompressed program, compiled
+  measured = (measured_compression(config, dp_all["comm"]["gradient_bytes"] if dp_all else None)
+              if jax.device_count() > 1 else None)
   return {
       **device_info(), "stage": config.stage_order[0], "batch_size": config.batch_size,
       "num_params": single["num_params"], "layouts": table,
@@ -159,14 +172,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                           **project(single["num_params"], single["flops"])},
       "projection_a100_by_compression": {
           "label": "ANALYTIC PROJECTION (a model, not a measurement) from the measured bytes_ratio_vs_none",
-          "links_bytes_per_s_per_gpu": LINKS,
-          "methods": project_methods(single["num_params"], single["flops"], measured_ratios(config))
-          if jax.device_count() > 1 else {}},
+          "links_bytes_per_s_per_gpu": LINKS, "measured_on": f"{jax.device_count()} devices, data-parallel",
+          **({"measured": measured,
+              "methods": project_methods(measured["none_allreduce_payload_bytes"], single["flops"],
+                                         measured["ratios"])} if measured else {"methods": {}})},
       "notes": ["params/opt_state bytes: per device, from the shardings; temp = XLA temporaries (activations, "
                 "gradients, workspace) from memory_analysis()",
                 "comm: bytes each device sends per step (ring model) read from the compiled HLO",
                 "projection: weak scaling, every GPU runs this batch; compute = FLOPs of the 1-device program at "
                 "the assumed MFU; communication = one bucketed hierarchical ring all-reduce of the gradients",
-                "projection_a100_by_compression: the same model with the float32 gradient bytes divided by each "
-                "method's bytes_ratio_vs_none, measured from the first stage's compiled programs on all devices"],
+                "projection_a100_by_compression: the same model with the all-reduce payload of the uncompressed "
+                "run's measured gradient traffic (trained params only), divided by each method's "
+                "bytes_ratio_vs_none; both measured from the first stage's compiled programs on all devices"],
   }
