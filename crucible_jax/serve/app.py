@@ -207,7 +207,7 @@ class SearchService:
     query = np.mean([v / np.linalg.norm(v) for v in vectors], axis=0)
     hits = self.index.search(query, targets, k, approximate=self.config.approximate, nprobe=self.config.nprobe)[0]
     meta = self.index.metadata(h.id for h in hits)
-    results = [{**{c: meta[h.id][c] for c in ("id", "modality", "text", "source", "source_row", "label")},
+    results = [{**{c: meta[h.id][c] for c in ("id", "modality", "text", "path", "source", "source_row", "label")},
                 "score": h.score, "url": f"/items/{h.id}"} for h in hits]
     elapsed = time.monotonic() - start
     self.metrics.latency.labels(label).observe(elapsed)

@@ -17,7 +17,8 @@ def add_parsers(sub: Any) -> None:
   p = sub.add_parser("index", help="embed a collection into a searchable index (vectors + SQLite metadata)")
   p.add_argument("--workdir", help="trained run or params directory to export and embed with")
   p.add_argument("--export", help="a `crucible export` directory to embed with (instead of --workdir)")
-  p.add_argument("--data", required=True, help="SOURCE to index, e.g. digit_world:test")
+  p.add_argument("--data", required=True, help="SOURCE to index: digit_world:SPLIT, manifest:FILE.jsonl|.csv or "
+                 "shards:'DIR/*.tar' (own data, read with the model's preprocessing)")
   p.add_argument("--out", required=True, help="index directory (new, or existing with --append)")
   p.add_argument("--append", action="store_true", help="add the source's items to the existing index at --out")
   p.add_argument("--batch-size", type=int, default=64, help="items embedded per encoder call")
