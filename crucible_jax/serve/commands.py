@@ -29,7 +29,8 @@ def add_parsers(sub: Any) -> None:
   p.add_argument("--token", help="bearer token required on every endpoint but /health (or $CRUCIBLE_SERVE_TOKEN)")
   p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB")
   p.add_argument("--deadline-ms", type=float, default=1000.0, help="default per-request encoding deadline")
-  p.add_argument("--priorities", default="text=3,image=2,audio=1,video=0", help="MODALITY=INT,... (higher first)")
+  p.add_argument("--priorities", help="MODALITY=INT,... (higher first); default: a routed model's importance scores "
+                 "of each query's parts, else text=3,image=2,audio=1,video=0")
   p.add_argument("--max-batch", type=int, default=16, help="queries per encoder batch")
   p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
   p.add_argument("--approximate", action="store_true", help="FAISS IVF search instead of exact")
