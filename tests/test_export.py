@@ -92,6 +92,8 @@ def test_manifest_describes_inputs_and_preprocessing(exported):
   assert manifest["artifacts"]["encoder_audio"]["inputs"]["audio_len"] == {"shape": [None], "dtype": "int32"}
   assert manifest["preprocessing"]["text"]["max_len"] == model.config.data.text_len
   assert manifest["preprocessing"]["audio"]["sample_rate"] == model.config.data.sample_rate
+  assert {k: manifest["preprocessing"]["image"][k] for k in ("crop", "mean", "std")} == {
+      "crop": "centre", "mean": [0.0], "std": [1.0]}  # DigitWorld pixels are not normalised
   with pytest.raises(ValueError, match="'image' of 'encoder_image' has shape"):
     export.embed("image", {"image": np.zeros((1, 8, 8, 1), np.float32)})
 

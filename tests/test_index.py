@@ -135,6 +135,8 @@ def test_own_manifest_indexes_every_modality_with_the_models_preprocessing(built
   pixels = np.asarray(png.resize((64, 16), Image.Resampling.BICUBIC, box=(0, 9, 24, 15)), np.float32) / 255.0
   np.testing.assert_allclose(index._vectors[image["id"]], export.embed("image", {"image": pixels[None, ..., None]})[0],
                              atol=1e-5)
+  _, query = preprocess.file_inputs(image["payload"], export.manifest["preprocessing"])  # a served query: the same
+  np.testing.assert_allclose(export.embed("image", query)[0], index._vectors[image["id"]], atol=1e-5)
   captions = [it for it in items if it["modality"] == "text" and it["source_row"] == 3]
   assert [c["text"] for c in captions] == json.loads(open(own["manifest"]).readlines()[3])["text"]
   assert captions[0]["path"] == f"{own['manifest']}:line 4"

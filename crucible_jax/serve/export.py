@@ -132,10 +132,11 @@ def _export_one(out: pathlib.Path, name: str, fn: Callable, params: dict[str, np
 def preprocessing(config: Any) -> dict[str, Any]:
   """What an input must look like before an encoder sees it (the manifest's `preprocessing`)."""
   data = {k: config.data.get(k) for k in PREPROCESSING_KEYS}
+  pixels = {"channels": int(data["channels"] or 1), "range": [0.0, 1.0], "crop": "centre",
+            "mean": list(config.data.get("image_mean") or (0.0,)), "std": list(config.data.get("image_std") or (1.0,))}
   return {
-      "image": {"size": list(data["image_size"]), "channels": int(data["channels"] or 1), "range": [0.0, 1.0]},
-      "video": {"frames": data["video_frames"], "size": list(data["video_size"]), "channels": int(data["channels"] or 1),
-                "range": [0.0, 1.0]},
+      "image": {"size": list(data["image_size"]), **pixels},
+      "video": {"frames": data["video_frames"], "size": list(data["video_size"]), **pixels},
       "audio": {"sample_rate": int(data["sample_rate"]), "samples": int(round(data["audio_seconds"] * data["sample_rate"])),
                 "mono": True, "range": [-1.0, 1.0]},
       "text": {"tokenizer": dict(config.data.get("tokenizer") or {"kind": "byte", "path": None}),
