@@ -199,8 +199,8 @@ class SearchService:
     ranks = self.priorities.of(parts)
     encoded = await asyncio.gather(*(self.scheduler.encode(m, inputs, deadline, ranks[m]) for m, inputs in parts),
                                    return_exceptions=True)
-    said = {"dropped": dropped_list(encoded), "priorities": ranks, "priority_source": self.priorities.source}
-    dropped = said["dropped"]
+    scheduling = {"dropped": dropped_list(encoded), "priorities": ranks, "priority_source": self.priorities.source}
+    dropped = scheduling["dropped"]
     failed = [e for e in encoded if isinstance(e, Exception) and not isinstance(e, Dropped)]
     if failed:
       raise failed[0]
@@ -208,7 +208,7 @@ class SearchService:
       self.metrics.dropped.labels(d["modality"]).inc()
     vectors = [v for v in encoded if not isinstance(v, Exception)] + ([vector] if vector is not None else [])
     if not vectors:
-      raise HTTPError(503, "every query encoding was dropped to meet the deadline", modality=label, **said)
+      raise HTTPError(503, "every query encoding was dropped to meet the deadline", modality=label, **scheduling)
     query = np.mean([v / np.linalg.norm(v) for v in vectors], axis=0)
     hits = self.index.search(query, targets, k, approximate=self.config.approximate, nprobe=self.config.nprobe)[0]
     meta = self.index.metadata(h.id for h in hits)
@@ -216,7 +216,7 @@ class SearchService:
                 "score": h.score, "url": f"/items/{h.id}"} for h in hits]
     elapsed = time.monotonic() - start
     self.metrics.latency.labels(label).observe(elapsed)
-    return JSONResponse({"results": results, "query": label, "targets": targets, **said,
+    return JSONResponse({"results": results, "query": label, "targets": targets, **scheduling,
                          "latency_ms": round(1e3 * elapsed, 3)}, headers={"x-query-modality": label})
 
 

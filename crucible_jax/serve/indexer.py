@@ -41,14 +41,19 @@ def build(index: Index, spec: str, batch_size: int, progress: bool = True) -> di
   config = inference.read_config(index.export_dir)
   total, batches = sources.open_source(spec, config.data, batch_size)
   added: dict[str, int] = {}
+  skipped: dict[str, int] = {}
   with tqdm.tqdm(total=total, desc=f"indexing {spec}", unit="sample", disable=not progress) as bar:
     for samples, batch in batches:
       for modality, (inputs, records) in batch.items():
-        if modality not in export.modalities or not records:
-          continue
-        index.add(modality, export.embed(modality, inputs), records)
-        added[modality] = added.get(modality, 0) + len(records)
+        if modality not in export.modalities:
+          skipped[modality] = skipped.get(modality, 0) + len(records)
+        elif records:
+          index.add(modality, export.embed(modality, inputs), records)
+          added[modality] = added.get(modality, 0) + len(records)
       bar.update(samples)
+  for modality, count in skipped.items():
+    print(f"crucible: note: the model has no {modality} encoder; {count} {modality} items of {spec} were not indexed",
+          file=sys.stderr)
   return added
 
 
