@@ -76,7 +76,8 @@ def _items(source: OwnSource, index: int, spec: str) -> Iterator[tuple[str, dict
                                           "mime": media.MIME[VIDEO]}
   for caption in row.texts:
     tokens, _ = source.tokenizer.fit(caption)
-    yield TEXT, {TEXT: tokens}, {**base, "text": caption, "path": f"{os.path.abspath(row.file)}:{row.where}", "mime": media.MIME[TEXT]}
+    yield TEXT, {TEXT: tokens}, {**base, "text": caption, "path": f"{os.path.abspath(row.file)}:{row.where}",
+                                 "mime": media.MIME[TEXT]}
 
 
 def open_own(kind: str, location: str, model_data: ml_collections.ConfigDict, batch_size: int, spec: str

@@ -70,7 +70,8 @@ class Scheduler:
     return await job.future
 
   def _order(self) -> list[str]:
-    return sorted((m for m in self._queues if self._queues[m]), key=lambda m: -max(j.priority for j in self._queues[m]))
+    rank = {m: max(j.priority for j in queue) for m, queue in self._queues.items() if queue}
+    return sorted(rank, key=lambda m: -rank[m])
 
   def _shed(self, now: float) -> None:
     """Drop every queued query projected to finish after its deadline, except the next batch's (nothing is ahead of
