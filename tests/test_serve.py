@@ -14,7 +14,7 @@ from crucible_jax.serve import preprocess
 from crucible_jax.serve.app import ServeConfig, create_app
 from crucible_jax.serve.artifact import ExportDir
 from crucible_jax.serve.client import EdgeClient
-from crucible_jax.serve.scheduler import Dropped, Scheduler
+from crucible_jax.serve.scheduler import Dropped, Encoding, Scheduler
 from crucible_jax.serve.store import Index
 from serve_fixtures import tiny_params_dir
 from serve_server import request, search, serving
@@ -165,7 +165,7 @@ def test_scheduler_batches_and_drops_the_lowest_priority_under_deadline():
 
   results = asyncio.run(scenario())
   assert all(isinstance(r, Dropped) and r.modality == "audio" for r in results[:2])
-  assert all(isinstance(r, np.ndarray) for r in results[2:])
+  assert all(isinstance(r, Encoding) for r in results[2:])
   assert calls[1:] == [("text", 4), ("text", 2), ("image", 1)]  # batched, highest priority first; audio shed
 
 
@@ -189,7 +189,7 @@ def test_scheduler_recovers_from_a_slow_first_batch():
     return alone, queued
 
   alone, queued = asyncio.run(scenario())
-  assert isinstance(alone, np.ndarray) and all(isinstance(r, np.ndarray) for r in queued)
+  assert isinstance(alone, Encoding) and all(isinstance(r, Encoding) for r in queued)
 
 
 def test_priorities_are_the_routers_scores_of_each_querys_parts(served):
@@ -219,7 +219,7 @@ def test_everything_dropped_is_a_503_that_names_the_modality(live, monkeypatch):
   monkeypatch.undo()
   assert status == 503 and reply["error"] == "every query encoding was dropped to meet the deadline", reply
   assert reply["dropped"] == [{"modality": "text", "reason": "projected 40 ms past the deadline behind "
-                                                             "higher-priority encodings"}]
+                                                             "higher-priority encodings"}] and reply["deferred"] == []
   assert reply["priority_source"] == "router" and set(reply["priorities"]) == {"text"}
   _, _, body = request(f"{base}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
   assert 'crucible_dropped_encodings_total{modality="text"} 1.0' in body.decode()
@@ -253,17 +253,19 @@ def test_scheduler_serves_queues_by_their_queries_priority():
     return np.ones((len(inputs["x"]), 2), np.float32)
 
   async def scenario():
-    scheduler = Scheduler(encode, {"text": 2, "image": 1}, max_batch=4, max_wait_s=0.01)
+    scheduler = Scheduler(encode, {"text": 2, "image": 1, "audio": 0}, max_batch=4, max_wait_s=0.01)
     scheduler.start()
     one = {"x": np.zeros((1, 3))}
-    for modality in ("text", "image"):  # measures each batch time (50 ms)
+    for modality in ("text", "image", "audio"):  # measures each batch time (50 ms)
       await scheduler.encode(modality, one, time.monotonic() + 5)
     now = time.monotonic()
-    jobs = [scheduler.encode("text", one, now + 0.08, priority=-1.0), scheduler.encode("image", one, now + 5, 0.5)]
+    jobs = [scheduler.encode("text", one, now + 0.08, priority=-1.0), scheduler.encode("image", one, now + 5, 0.5),
+            scheduler.encode("audio", one, now + 5, priority=-2.0)]
     results = await asyncio.gather(*jobs, return_exceptions=True)
     await scheduler.stop()
     return results
 
-  text, image = asyncio.run(scenario())
-  assert isinstance(text, Dropped) and text.modality == "text" and isinstance(image, np.ndarray)
-  assert calls[2:] == ["image"]  # the configured order (text first) was overridden, and text shed
+  text, image, audio = asyncio.run(scenario())
+  assert isinstance(text, Dropped) and text.modality == "text"
+  assert image.deferred_behind == () and audio.deferred_behind == ("image",)  # its deadline allowed the wait
+  assert calls[3:] == ["image", "audio"]  # the configured order (text first) was overridden, and text shed

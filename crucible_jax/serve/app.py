@@ -33,7 +33,7 @@ from crucible_jax.serve import preprocess
 from crucible_jax.serve.artifact import ExportDir
 from crucible_jax.serve.metrics import Metrics
 from crucible_jax.serve.priority import Priorities
-from crucible_jax.serve.scheduler import Dropped, Scheduler
+from crucible_jax.serve.scheduler import Dropped, Encoding, Scheduler
 from crucible_jax.serve.store import Index
 
 STATIC = pathlib.Path(__file__).parent / "static"
@@ -199,14 +199,17 @@ class SearchService:
     ranks = self.priorities.of(parts)
     encoded = await asyncio.gather(*(self.scheduler.encode(m, inputs, deadline, ranks[m]) for m, inputs in parts),
                                    return_exceptions=True)
-    scheduling = {"dropped": dropped_list(encoded), "priorities": ranks, "priority_source": self.priorities.source}
-    dropped = scheduling["dropped"]
     failed = [e for e in encoded if isinstance(e, Exception) and not isinstance(e, Dropped)]
     if failed:
       raise failed[0]
+    scheduling = {"dropped": [{"modality": e.modality, "reason": e.reason} for e in encoded if isinstance(e, Dropped)],
+                  "deferred": [{"modality": m, "behind": list(e.deferred_behind)} for (m, _), e in zip(parts, encoded)
+                               if isinstance(e, Encoding) and e.deferred_behind],
+                  "priorities": ranks, "priority_source": self.priorities.source}
+    dropped = scheduling["dropped"]
     for d in dropped:
       self.metrics.dropped.labels(d["modality"]).inc()
-    vectors = [v for v in encoded if not isinstance(v, Exception)] + ([vector] if vector is not None else [])
+    vectors = [e.vector for e in encoded if isinstance(e, Encoding)] + ([vector] if vector is not None else [])
     if not vectors:
       raise HTTPError(503, "every query encoding was dropped to meet the deadline", modality=label, **scheduling)
     query = np.mean([v / np.linalg.norm(v) for v in vectors], axis=0)
@@ -267,11 +270,6 @@ def create_app(index: Index, config: ServeConfig = ServeConfig()) -> Starlette:
   ], lifespan=lifespan, middleware=[Middleware(BearerAuth, token=config.token)] if config.token else [])
   app.state.service = service
   return app
-
-
-def dropped_list(encoded: list[Any]) -> list[dict[str, str]]:
-  """{modality, reason} of each query part whose encoding was shed."""
-  return [{"modality": e.modality, "reason": e.reason} for e in encoded if isinstance(e, Dropped)]
 
 
 def parse_priorities(spec: str | None) -> tuple[tuple[str, int], ...] | None:

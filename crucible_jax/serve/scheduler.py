@@ -5,7 +5,9 @@ carries a priority (its modality's configured one, or the router's score of it);
 highest-priority query. The worker serves the top-ranked queue first, taking up to `max_batch` queries after waiting
 at most `max_wait_s` for a batch to fill. Before each batch it projects when every queued query would finish (service
 order, each modality's measured batch time) and drops those that would miss their deadline: under strict priority
-these are the lowest-priority modalities' queries. A dropped query raises `Dropped`, which the response reports.
+these are the lowest-priority modalities' queries. A dropped query raises `Dropped`; a served one returns an
+`Encoding` that names the modalities whose batches were run first while it waited (deferred behind them). The
+response reports both.
 """
 
 import asyncio
@@ -26,12 +28,21 @@ class Dropped(Exception):
     self.modality, self.reason = modality, reason
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+  """A query's embedding [dim] and the modalities whose batches the worker chose first while it waited."""
+
+  vector: np.ndarray
+  deferred_behind: tuple[str, ...]
+
+
 @dataclasses.dataclass
 class _Job:
   inputs: dict[str, np.ndarray]  # one query's encoder inputs, batch of 1
   deadline: float  # time.monotonic() by which its encoding must be done
   future: asyncio.Future
   priority: float  # higher is served first
+  behind: list[str] = dataclasses.field(default_factory=list)  # modalities served first while it was queued
 
 
 class Scheduler:
@@ -58,9 +69,9 @@ class Scheduler:
     self._pool.shutdown(wait=False, cancel_futures=True)
 
   async def encode(self, modality: str, inputs: dict[str, np.ndarray], deadline: float,
-                   priority: float | None = None) -> np.ndarray:
-    """The query's embedding [dim]; raises Dropped if it would miss `deadline` (time.monotonic()). `priority`
-    defaults to the modality's."""
+                   priority: float | None = None) -> Encoding:
+    """The query's embedding; raises Dropped if it would miss `deadline` (time.monotonic()). `priority` defaults
+    to the modality's."""
     if modality not in self._queues:
       raise ValueError(f"no encoder for modality {modality!r}")
     priority = self.priorities[modality] if priority is None else priority
@@ -107,6 +118,10 @@ class Scheduler:
       modality = order[0]
       queue = self._queues[modality]
       jobs = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+      for other in order[1:]:
+        for job in self._queues[other]:
+          if modality not in job.behind:
+            job.behind.append(modality)
       inputs = {k: np.concatenate([j.inputs[k] for j in jobs]) for k in jobs[0].inputs}
       start = time.monotonic()
       try:
@@ -124,4 +139,4 @@ class Scheduler:
         self._on_batch(modality, len(jobs), elapsed)
       for job, vector in zip(jobs, vectors):
         if not job.future.done():
-          job.future.set_result(vector)
+          job.future.set_result(Encoding(vector, tuple(job.behind)))
