@@ -16,14 +16,18 @@ from crucible_jax.serve.app import ServeConfig, create_app
 from crucible_jax.serve.store import Index
 
 
-@contextlib.contextmanager
 def running(index_dir, config: ServeConfig):
   """Yields the base URL of a server over `index_dir`; stops it on exit."""
+  return serving(create_app(Index.open(index_dir), config))
+
+
+@contextlib.contextmanager
+def serving(app):
+  """Yields the base URL of a server of the ASGI `app`; stops it on exit."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(create_app(Index.open(index_dir), config), host="127.0.0.1", port=port,
-                                         log_level="warning"))
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
   thread = threading.Thread(target=server.run, daemon=True)
   thread.start()
   deadline = time.monotonic() + 30

@@ -17,7 +17,7 @@ from serve_fixtures import ROOT, tiny_params_dir
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
-  params = tiny_params_dir(root / "params")
+  params = tiny_params_dir(root / "params", routed=True)  # a routed model: its router is exported too
   assert cli.main(["export", "--workdir", str(params), "--out", str(root / "export")]) == 0
   return inference.load(params), ExportDir(root / "export")
 
@@ -61,6 +61,30 @@ def test_fusion_and_heads_equal_in_process_model(exported):
   np.testing.assert_allclose(tags, want["tag_logits"], atol=1e-5)
 
 
+def test_asr_vqa_and_router_equal_in_process_model(exported):
+  model, export = exported
+  inputs = _inputs(model, 3)
+  batch = model.empty_batch(3)
+  for modality, values in inputs.items():
+    batch.update(values)
+    batch[present_key(modality)][:] = True
+  batch[present_key("image")][2] = False  # the router must honour presence
+  batch["question"] = np.random.default_rng(1).integers(1, 200, batch["question"].shape).astype(np.int32)
+  with jax.set_mesh(model.experiment.mesh):
+    want = model.experiment.model.apply({"params": model.params}, batch, heads=("vqa", "asr"), route=False)
+  audio, image = export.artifact("encoder_audio")(inputs["audio"]), export.artifact("encoder_image")(inputs["image"])
+  np.testing.assert_array_equal(audio["token_mask"], want["ctc_mask"])
+  asr = export.artifact("head_asr")({"tokens_audio": audio["tokens"], "token_mask_audio": audio["token_mask"]})
+  np.testing.assert_allclose(asr["logits"], want["ctc_logits"], atol=1e-5)
+  vqa = export.artifact("head_vqa")({"question": batch["question"], "tokens_image": image["tokens"],
+                                     "token_mask_image": image["token_mask"] & batch["image_present"][:, None]})
+  np.testing.assert_allclose(vqa["logits"], want["vqa_logits"], atol=1e-5)
+  scored = export.manifest["router_modalities"]
+  scores = export.artifact("router")({k: batch[k] for k in export.artifact("router").inputs})["scores"]
+  assert scored == list(MODALITIES) and scores.shape == (3, len(scored))
+  np.testing.assert_allclose(scores, np.stack([want["routing_aux"]["scores"][m] for m in scored], 1), atol=1e-5)
+
+
 def test_manifest_describes_inputs_and_preprocessing(exported):
   model, export = exported
   manifest = export.manifest
@@ -68,6 +92,8 @@ def test_manifest_describes_inputs_and_preprocessing(exported):
   assert manifest["artifacts"]["encoder_audio"]["inputs"]["audio_len"] == {"shape": [None], "dtype": "int32"}
   assert manifest["preprocessing"]["text"]["max_len"] == model.config.data.text_len
   assert manifest["preprocessing"]["audio"]["sample_rate"] == model.config.data.sample_rate
+  assert {k: manifest["preprocessing"]["image"][k] for k in ("crop", "mean", "std")} == {
+      "crop": "centre", "mean": [0.0], "std": [1.0]}  # DigitWorld pixels are not normalised
   with pytest.raises(ValueError, match="'image' of 'encoder_image' has shape"):
     export.embed("image", {"image": np.zeros((1, 8, 8, 1), np.float32)})
 

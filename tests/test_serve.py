@@ -11,26 +11,32 @@ import soundfile
 
 from crucible_jax import cli
 from crucible_jax.serve import preprocess
-from crucible_jax.serve.app import ServeConfig
+from crucible_jax.serve.app import ServeConfig, create_app
 from crucible_jax.serve.artifact import ExportDir
 from crucible_jax.serve.client import EdgeClient
-from crucible_jax.serve.scheduler import Dropped, Scheduler
+from crucible_jax.serve.scheduler import Dropped, Encoding, Scheduler
 from crucible_jax.serve.store import Index
 from serve_fixtures import tiny_params_dir
-from serve_server import request, running, search
+from serve_server import request, search, serving
 
 TOKEN = "s3cret"
 LIMIT = 200_000  # bytes: above a 4 s WAV (64 kB), below the oversized upload
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def live(tmp_path_factory):
+  """(base URL, index directory, app) of a routed tiny model's index served on loopback."""
   root = tmp_path_factory.mktemp("serve")
-  params = tiny_params_dir(root / "params")
+  params = tiny_params_dir(root / "params", routed=True)  # priorities come from its router
   assert cli.main(["index", "--workdir", str(params), "--data", "digit_world:test", "--out", str(root / "idx")]) == 0
-  config = ServeConfig(max_upload_bytes=LIMIT, deadline_ms=60_000, token=TOKEN)
-  with running(root / "idx", config) as base:
-    yield base, root / "idx"
+  app = create_app(Index.open(root / "idx"), ServeConfig(max_upload_bytes=LIMIT, deadline_ms=60_000, token=TOKEN))
+  with serving(app) as base:
+    yield base, root / "idx", app
+
+
+@pytest.fixture
+def served(live):
+  return live[:2]
 
 
 def _item(base: str, item_id: int) -> bytes:
@@ -159,7 +165,7 @@ def test_scheduler_batches_and_drops_the_lowest_priority_under_deadline():
 
   results = asyncio.run(scenario())
   assert all(isinstance(r, Dropped) and r.modality == "audio" for r in results[:2])
-  assert all(isinstance(r, np.ndarray) for r in results[2:])
+  assert all(isinstance(r, Encoding) for r in results[2:])
   assert calls[1:] == [("text", 4), ("text", 2), ("image", 1)]  # batched, highest priority first; audio shed
 
 
@@ -183,4 +189,83 @@ def test_scheduler_recovers_from_a_slow_first_batch():
     return alone, queued
 
   alone, queued = asyncio.run(scenario())
-  assert isinstance(alone, np.ndarray) and all(isinstance(r, np.ndarray) for r in queued)
+  assert isinstance(alone, Encoding) and all(isinstance(r, Encoding) for r in queued)
+
+
+def test_priorities_are_the_routers_scores_of_each_querys_parts(served):
+  base, index_dir = served
+  export = ExportDir(Index.open(index_dir).export_dir)
+  wav = _item(base, _first(Index.open(index_dir), "audio"))
+  status, reply = search(base, {"text": "a card showing 42", "k": "3"}, {"file": ("q.wav", wav)}, token=TOKEN)
+  assert status == 200 and reply["priority_source"] == "router" and reply["query"] == "text+audio", reply
+  router = export.artifact("router")
+  inputs = {k: np.zeros((1, *v["shape"][1:]), v["dtype"]) for k, v in router.inputs.items()}
+  inputs.update({**preprocess.text_inputs("a card showing 42", export.manifest["preprocessing"]["text"]),
+                 **preprocess.file_inputs(wav, export.manifest["preprocessing"])[1],
+                 "text_present": np.ones(1, bool), "audio_present": np.ones(1, bool)})
+  scores = dict(zip(export.manifest["router_modalities"], router(inputs)["scores"][0]))
+  assert reply["priorities"] == pytest.approx({"text": scores["text"], "audio": scores["audio"]}, abs=1e-5)
+
+
+def test_everything_dropped_is_a_503_that_names_the_modality(live, monkeypatch):
+  base, _, app = live
+  scheduler = app.state.service.scheduler
+
+  async def shed(modality, inputs, deadline, priority=None):
+    raise Dropped(modality, "projected 40 ms past the deadline behind higher-priority encodings")
+
+  monkeypatch.setattr(scheduler, "encode", shed)
+  status, reply = search(base, {"text": "seven", "deadline_ms": "5"}, token=TOKEN)
+  monkeypatch.undo()
+  assert status == 503 and reply["error"] == "every query encoding was dropped to meet the deadline", reply
+  assert reply["dropped"] == [{"modality": "text", "reason": "projected 40 ms past the deadline behind "
+                                                             "higher-priority encodings"}] and reply["deferred"] == []
+  assert reply["priority_source"] == "router" and set(reply["priorities"]) == {"text"}
+  _, _, body = request(f"{base}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+  assert 'crucible_dropped_encodings_total{modality="text"} 1.0' in body.decode()
+  assert search(base, {"text": "seven"}, token=TOKEN)[0] == 200  # the real scheduler serves again
+
+
+def test_client_cli_searches_by_vector_and_names_bad_input(served, tmp_path, capsys):
+  base, index_dir = served
+  out = tmp_path / "reply.json"
+  assert cli.main(["client", "--export", str(index_dir / "export"), "--url", base, "--token", TOKEN,
+                   "--text", "a card showing 42", "--targets", "image", "audio", "--k", "4", "--json", str(out)]) == 0
+  reply = json.loads(out.read_text())
+  status, cloud = search(base, {"text": "a card showing 42", "targets": ["image", "audio"], "k": "4"}, token=TOKEN)
+  assert reply["query"] == "vector" and [r["id"] for r in reply["results"]] == [r["id"] for r in cloud["results"]]
+  assert 0 < reply["bytes_sent"] < 1000 and reply["encode_ms"] > 0 and reply["round_trip_ms"] > 0
+  capsys.readouterr()
+  for args, message in ((["--text", "seven", "--token", "wrong"], "HTTP 401"),
+                        (["--file", str(tmp_path / "none.wav"), "--token", TOKEN], "none.wav"),
+                        (["--token", TOKEN], "empty query")):
+    assert cli.main(["client", "--export", str(index_dir / "export"), "--url", base, *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_scheduler_serves_queues_by_their_queries_priority():
+  """Router scores reorder modalities per query: the queue holding the higher-scored query runs first."""
+  calls = []
+
+  def encode(modality, inputs):
+    calls.append(modality)
+    time.sleep(0.05)
+    return np.ones((len(inputs["x"]), 2), np.float32)
+
+  async def scenario():
+    scheduler = Scheduler(encode, {"text": 2, "image": 1, "audio": 0}, max_batch=4, max_wait_s=0.01)
+    scheduler.start()
+    one = {"x": np.zeros((1, 3))}
+    for modality in ("text", "image", "audio"):  # measures each batch time (50 ms)
+      await scheduler.encode(modality, one, time.monotonic() + 5)
+    now = time.monotonic()
+    jobs = [scheduler.encode("text", one, now + 0.08, priority=-1.0), scheduler.encode("image", one, now + 5, 0.5),
+            scheduler.encode("audio", one, now + 5, priority=-2.0)]
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    await scheduler.stop()
+    return results
+
+  text, image, audio = asyncio.run(scenario())
+  assert isinstance(text, Dropped) and text.modality == "text"
+  assert image.deferred_behind == () and audio.deferred_behind == ("image",)  # its deadline allowed the wait
+  assert calls[3:] == ["image", "audio"]  # the configured order (text first) was overridden, and text shed

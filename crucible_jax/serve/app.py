@@ -32,12 +32,12 @@ from crucible_jax.common_types import MODALITIES
 from crucible_jax.serve import preprocess
 from crucible_jax.serve.artifact import ExportDir
 from crucible_jax.serve.metrics import Metrics
-from crucible_jax.serve.scheduler import Dropped, Scheduler
+from crucible_jax.serve.priority import Priorities
+from crucible_jax.serve.scheduler import Dropped, Encoding, Scheduler
 from crucible_jax.serve.store import Index
 
 STATIC = pathlib.Path(__file__).parent / "static"
 OPEN_PATHS = ("/health", "/static/")  # the page's JS/CSS are the package's files, no data: a browser loads them bare
-DEFAULT_PRIORITIES = {"text": 3, "image": 2, "audio": 1, "video": 0}  # cheapest encoders first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,8 @@ class ServeConfig:
 
   max_upload_bytes: int = 10 * 2**20  # request bodies above this get 413
   deadline_ms: float = 1000.0  # default per-request encoding deadline
-  priorities: tuple[tuple[str, int], ...] = tuple(DEFAULT_PRIORITIES.items())  # higher = encoded first
+  priorities: tuple[tuple[str, int], ...] | None = None  # (modality, priority), higher first; None = a routed
+  # model's importance scores of each query's parts, else priority.DEFAULT_PRIORITIES
   max_batch: int = 16  # queries per encoder batch
   max_wait_ms: float = 2.0  # how long a batch waits to fill
   max_k: int = 100  # largest k a query may ask for
@@ -128,8 +129,9 @@ class SearchService:
     self.index, self.config, self.metrics = index, config, Metrics()
     self.export = ExportDir(index.export_dir)
     self.preprocessing = self.export.manifest["preprocessing"]
-    priorities = {m: p for m, p in config.priorities if m in self.export.modalities}
-    self.scheduler = Scheduler(self.export.embed, priorities, config.max_batch, config.max_wait_ms / 1e3,
+    self.priorities = Priorities(self.export, None if config.priorities is None else dict(config.priorities))
+    defaults = {m: self.priorities.configured.get(m, 0.0) for m in self.export.modalities}
+    self.scheduler = Scheduler(self.export.embed, defaults, config.max_batch, config.max_wait_ms / 1e3,
                                on_batch=self.metrics.on_batch)
 
   def _targets(self, fields: dict[str, Any]) -> list[str]:
@@ -182,6 +184,7 @@ class SearchService:
       spec = self.export.artifact(f"encoder_{modality}").inputs
       for size in sizes:
         self.export.embed(modality, {k: np.zeros((size, *v["shape"][1:]), v["dtype"]) for k, v in spec.items()})
+    self.priorities.of([])  # compiles the router, when priorities come from it
 
   async def search(self, request: Request) -> JSONResponse:
     start = time.monotonic()
@@ -193,25 +196,30 @@ class SearchService:
       raise HTTPError(e.status, str(e)) from e
     deadline = start + float(fields.get("deadline_ms") or self.config.deadline_ms) / 1e3
     label = "+".join([m for m, _ in parts] + (["vector"] if vector is not None else []))
-    encoded = await asyncio.gather(*(self.scheduler.encode(m, inputs, deadline) for m, inputs in parts),
+    ranks = self.priorities.of(parts)
+    encoded = await asyncio.gather(*(self.scheduler.encode(m, inputs, deadline, ranks[m]) for m, inputs in parts),
                                    return_exceptions=True)
-    dropped = [{"modality": e.modality, "reason": e.reason} for e in encoded if isinstance(e, Dropped)]
     failed = [e for e in encoded if isinstance(e, Exception) and not isinstance(e, Dropped)]
     if failed:
       raise failed[0]
+    scheduling = {"dropped": [{"modality": e.modality, "reason": e.reason} for e in encoded if isinstance(e, Dropped)],
+                  "deferred": [{"modality": m, "behind": list(e.deferred_behind)} for (m, _), e in zip(parts, encoded)
+                               if isinstance(e, Encoding) and e.deferred_behind],
+                  "priorities": ranks, "priority_source": self.priorities.source}
+    dropped = scheduling["dropped"]
     for d in dropped:
       self.metrics.dropped.labels(d["modality"]).inc()
-    vectors = [v for v in encoded if not isinstance(v, Exception)] + ([vector] if vector is not None else [])
+    vectors = [e.vector for e in encoded if isinstance(e, Encoding)] + ([vector] if vector is not None else [])
     if not vectors:
-      raise HTTPError(503, "every query encoding was dropped to meet the deadline", dropped=dropped, modality=label)
+      raise HTTPError(503, "every query encoding was dropped to meet the deadline", modality=label, **scheduling)
     query = np.mean([v / np.linalg.norm(v) for v in vectors], axis=0)
     hits = self.index.search(query, targets, k, approximate=self.config.approximate, nprobe=self.config.nprobe)[0]
     meta = self.index.metadata(h.id for h in hits)
-    results = [{**{c: meta[h.id][c] for c in ("id", "modality", "text", "source", "source_row", "label")},
+    results = [{**{c: meta[h.id][c] for c in ("id", "modality", "text", "path", "source", "source_row", "label")},
                 "score": h.score, "url": f"/items/{h.id}"} for h in hits]
     elapsed = time.monotonic() - start
     self.metrics.latency.labels(label).observe(elapsed)
-    return JSONResponse({"results": results, "query": label, "targets": targets, "dropped": dropped,
+    return JSONResponse({"results": results, "query": label, "targets": targets, **scheduling,
                          "latency_ms": round(1e3 * elapsed, 3)}, headers={"x-query-modality": label})
 
 
@@ -264,8 +272,10 @@ def create_app(index: Index, config: ServeConfig = ServeConfig()) -> Starlette:
   return app
 
 
-def parse_priorities(spec: str) -> tuple[tuple[str, int], ...]:
-  """"text=3,image=2" -> (("text", 3), ("image", 2)); ValueError naming the bad part."""
+def parse_priorities(spec: str | None) -> tuple[tuple[str, int], ...] | None:
+  """"text=3,image=2" -> (("text", 3), ("image", 2)); None stays None; ValueError naming the bad part."""
+  if spec is None:
+    return None
   out = []
   for part in filter(None, (p.strip() for p in spec.split(","))):
     name, _, value = part.partition("=")

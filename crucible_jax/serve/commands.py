@@ -17,7 +17,8 @@ def add_parsers(sub: Any) -> None:
   p = sub.add_parser("index", help="embed a collection into a searchable index (vectors + SQLite metadata)")
   p.add_argument("--workdir", help="trained run or params directory to export and embed with")
   p.add_argument("--export", help="a `crucible export` directory to embed with (instead of --workdir)")
-  p.add_argument("--data", required=True, help="SOURCE to index, e.g. digit_world:test")
+  p.add_argument("--data", required=True, help="SOURCE to index: digit_world:SPLIT, manifest:FILE.jsonl|.csv or "
+                 "shards:'DIR/*.tar' (own data, read with the model's preprocessing)")
   p.add_argument("--out", required=True, help="index directory (new, or existing with --append)")
   p.add_argument("--append", action="store_true", help="add the source's items to the existing index at --out")
   p.add_argument("--batch-size", type=int, default=64, help="items embedded per encoder call")
@@ -28,7 +29,8 @@ def add_parsers(sub: Any) -> None:
   p.add_argument("--token", help="bearer token required on every endpoint but /health (or $CRUCIBLE_SERVE_TOKEN)")
   p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB")
   p.add_argument("--deadline-ms", type=float, default=1000.0, help="default per-request encoding deadline")
-  p.add_argument("--priorities", default="text=3,image=2,audio=1,video=0", help="MODALITY=INT,... (higher first)")
+  p.add_argument("--priorities", help="MODALITY=INT,... (higher first); default: a routed model's importance scores "
+                 "of each query's parts, else text=3,image=2,audio=1,video=0")
   p.add_argument("--max-batch", type=int, default=16, help="queries per encoder batch")
   p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
   p.add_argument("--approximate", action="store_true", help="FAISS IVF search instead of exact")

@@ -41,23 +41,32 @@ def build(index: Index, spec: str, batch_size: int, progress: bool = True) -> di
   config = inference.read_config(index.export_dir)
   total, batches = sources.open_source(spec, config.data, batch_size)
   added: dict[str, int] = {}
+  skipped: dict[str, int] = {}
   with tqdm.tqdm(total=total, desc=f"indexing {spec}", unit="sample", disable=not progress) as bar:
-    for batch in batches:
+    for samples, batch in batches:
       for modality, (inputs, records) in batch.items():
-        if modality not in export.modalities or not records:
-          continue
-        index.add(modality, export.embed(modality, inputs), records)
-        added[modality] = added.get(modality, 0) + len(records)
-      bar.update(max((len(r) for _, r in batch.values()), default=0))
+        if modality not in export.modalities:
+          skipped[modality] = skipped.get(modality, 0) + len(records)
+        elif records:
+          index.add(modality, export.embed(modality, inputs), records)
+          added[modality] = added.get(modality, 0) + len(records)
+      bar.update(samples)
+  for modality, count in skipped.items():
+    print(f"crucible: note: the model has no {modality} encoder; {count} {modality} items of {spec} were not indexed",
+          file=sys.stderr)
   return added
 
 
 def run(args: argparse.Namespace, config: Any) -> int:
   """`crucible index`: 0 on success, 1 (with the reason) when an input is unusable."""
+  out = pathlib.Path(args.out)
+  created = not args.append and not out.exists()
   try:
     index = prepare_index(args)
     added = build(index, args.data, args.batch_size)
   except (FileNotFoundError, FileExistsError, ValueError) as e:
+    if created and out.exists():  # no half-built index is left behind
+      shutil.rmtree(out)
     print(f"crucible: error: {e}", file=sys.stderr)
     return 1
   print(f"indexed {', '.join(f'{n} {m}' for m, n in added.items())} into {args.out} ({len(index)} items in all)")

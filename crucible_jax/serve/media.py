@@ -7,6 +7,8 @@ import soundfile
 from PIL import Image
 
 MIME = {"image": "image/png", "audio": "audio/wav", "video": "image/gif", "text": "text/plain; charset=utf-8"}
+SIGNATURES = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"), (b"BM", "image/bmp"),
+              (b"fLaC", "audio/flac"), (b"OggS", "audio/ogg"), (b"ID3", "audio/mpeg"), (b"\xff\xfb", "audio/mpeg"))
 
 
 def _pil(pixels: np.ndarray) -> Image.Image:
@@ -38,3 +40,10 @@ def gif(frames: np.ndarray, frame_ms: int = 150) -> bytes:
   out = io.BytesIO()
   images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0)
   return out.getvalue()
+
+
+def mime_of(data: bytes) -> str:
+  """The media type of an image or audio file from its first bytes (application/octet-stream when unknown)."""
+  if data[:4] == b"RIFF":
+    return {b"WAVE": "audio/wav", b"WEBP": "image/webp"}.get(data[8:12], "application/octet-stream")
+  return next((kind for magic, kind in SIGNATURES if data.startswith(magic)), "application/octet-stream")

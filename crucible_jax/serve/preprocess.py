@@ -1,11 +1,10 @@
 """Uploaded queries to encoder inputs: decode (Pillow, soundfile, numpy) and fit the export's `preprocessing` schema.
 
-One module on purpose: a general per-modality preprocessing library can replace it behind `to_inputs`.
-Images are grayscale (or RGB for 3 channels) in [0, 1], bilinearly resized; audio is mixed to mono, resampled
-(polyphase, anti-aliased) and cut or zero-padded; video is an animated GIF (or a .npy [F, H, W(, C)] in [0, 1]) with
-frames resized
-and repeated or cut to the frame count; text goes through the tokenizer the manifest names
-(crucible_jax.data.tokenizers).
+Images (and video frames) are grayscale, or RGB for 3 channels, centre-cropped to the model's aspect, resized
+(bicubic), scaled to [0, 1] and normalised by the manifest's mean/std: own data's eval preprocessing, so a query
+matches what `crucible index` stored. Audio is mixed to mono, resampled (polyphase, anti-aliased) and cut or
+zero-padded; video is an animated GIF (or a .npy [F, H, W(, C)] in [0, 1]) with frames repeated or cut to the frame
+count; text goes through the tokenizer the manifest names (crucible_jax.data.tokenizers).
 """
 
 import io
@@ -16,7 +15,7 @@ import soundfile
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from crucible_jax.data.tokenizers import build_tokenizer
-from crucible_jax.data.own.preprocess import resample
+from crucible_jax.data.own.preprocess import centre_box, crop_resize, resample
 
 MAGIC = ((b"\x89PNG", "image"), (b"\xff\xd8\xff", "image"), (b"BM", "image"), (b"RIFF", "audio"), (b"fLaC", "audio"),
          (b"OggS", "audio"), (b"\x93NUMPY", "video"), (b"GIF8", None))  # None: GIF, image or video by frame count
@@ -46,10 +45,14 @@ def sniff(data: bytes) -> str:
                    "GIF/.npy (video)", 415)
 
 
-def _frame(image: Image.Image, size: list[int], channels: int) -> np.ndarray:
-  image = image.convert("RGB" if channels == 3 else "L").resize((size[1], size[0]), Image.BILINEAR)
-  pixels = np.asarray(image, np.float32) / 255.0
-  return pixels.reshape(size[0], size[1], channels)
+def _frame(image: Image.Image, spec: Mapping[str, Any]) -> np.ndarray:
+  """The centre crop of the model's aspect, resized (bicubic) to its size, in [0, 1] then normalised by mean/std:
+  the own-data eval preprocessing, so queries match what `crucible index` stored."""
+  image = image.convert("RGB" if spec["channels"] == 3 else "L")
+  height, width = spec["size"]
+  box = centre_box(image.width, image.height, width / height)
+  return crop_resize(image, box, (height, width), np.asarray(spec.get("mean", [0.0]), np.float32),
+                     np.asarray(spec.get("std", [1.0]), np.float32))
 
 
 def image_inputs(data: bytes, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -58,7 +61,7 @@ def image_inputs(data: bytes, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
     image.load()
   except (UnidentifiedImageError, OSError, ValueError) as e:
     raise InputError(f"corrupt image: {e}", 422) from e
-  return {"image": _frame(image, spec["size"], spec["channels"])[None]}
+  return {"image": _frame(image, spec)[None]}
 
 
 def audio_inputs(data: bytes, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -94,7 +97,7 @@ def video_inputs(data: bytes, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:
   if not images:
     raise InputError("the video has no frames", 422)
   picks = np.linspace(0, len(images) - 1, spec["frames"]).round().astype(int)
-  return {"video": np.stack([_frame(images[i], spec["size"], spec["channels"]) for i in picks])[None]}
+  return {"video": np.stack([_frame(images[i], spec) for i in picks])[None]}
 
 
 def text_inputs(text: str, spec: Mapping[str, Any]) -> dict[str, np.ndarray]:

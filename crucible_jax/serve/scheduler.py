@@ -1,10 +1,13 @@
 """Micro-batching of queries per encoder, in modality priority order, under per-request deadlines.
 
-One worker runs encoder batches one at a time (a small CPU box: concurrent XLA calls would only contend). It serves
-the highest-priority modality with queued queries first, taking up to `max_batch` of them after waiting at most
-`max_wait_s` for a batch to fill. Before each batch it projects when every queued query would finish (service order,
-each modality's measured batch time) and drops those that would miss their deadline: under strict priority these are
-the lowest-priority modalities' queries. A dropped query raises `Dropped`, which the response reports.
+One worker runs encoder batches one at a time (a small CPU box: concurrent XLA calls would only contend). Each query
+carries a priority (its modality's configured one, or the router's score of it); a modality's queue ranks by its
+highest-priority query. The worker serves the top-ranked queue first, taking up to `max_batch` queries after waiting
+at most `max_wait_s` for a batch to fill. Before each batch it projects when every queued query would finish (service
+order, each modality's measured batch time) and drops those that would miss their deadline: under strict priority
+these are the lowest-priority modalities' queries. A dropped query raises `Dropped`; a served one returns an
+`Encoding` that names the modalities whose batches were run first while it waited (deferred behind them). The
+response reports both.
 """
 
 import asyncio
@@ -25,17 +28,27 @@ class Dropped(Exception):
     self.modality, self.reason = modality, reason
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+  """A query's embedding [dim] and the modalities whose batches the worker chose first while it waited."""
+
+  vector: np.ndarray
+  deferred_behind: tuple[str, ...]
+
+
 @dataclasses.dataclass
 class _Job:
   inputs: dict[str, np.ndarray]  # one query's encoder inputs, batch of 1
   deadline: float  # time.monotonic() by which its encoding must be done
   future: asyncio.Future
+  priority: float  # higher is served first
+  behind: list[str] = dataclasses.field(default_factory=list)  # modalities served first while it was queued
 
 
 class Scheduler:
   """`await encode(modality, inputs, deadline)` from request handlers; `start()` once inside the event loop."""
 
-  def __init__(self, encode: Callable[[str, dict[str, np.ndarray]], np.ndarray], priorities: Mapping[str, int],
+  def __init__(self, encode: Callable[[str, dict[str, np.ndarray]], np.ndarray], priorities: Mapping[str, float],
                max_batch: int = 16, max_wait_s: float = 0.002, on_batch: Callable[[str, int, float], None] = None):
     self._encode, self.priorities = encode, dict(priorities)
     self.max_batch, self.max_wait_s, self._on_batch = max_batch, max_wait_s, on_batch
@@ -55,17 +68,21 @@ class Scheduler:
       await asyncio.gather(self._task, return_exceptions=True)
     self._pool.shutdown(wait=False, cancel_futures=True)
 
-  async def encode(self, modality: str, inputs: dict[str, np.ndarray], deadline: float) -> np.ndarray:
-    """The query's embedding [dim]; raises Dropped if it would miss `deadline` (time.monotonic())."""
+  async def encode(self, modality: str, inputs: dict[str, np.ndarray], deadline: float,
+                   priority: float | None = None) -> Encoding:
+    """The query's embedding; raises Dropped if it would miss `deadline` (time.monotonic()). `priority` defaults
+    to the modality's."""
     if modality not in self._queues:
       raise ValueError(f"no encoder for modality {modality!r}")
-    job = _Job(inputs, deadline, asyncio.get_running_loop().create_future())
+    priority = self.priorities[modality] if priority is None else priority
+    job = _Job(inputs, deadline, asyncio.get_running_loop().create_future(), priority)
     self._queues[modality].append(job)
     self._wake.set()
     return await job.future
 
   def _order(self) -> list[str]:
-    return sorted((m for m in self._queues if self._queues[m]), key=lambda m: -self.priorities[m])
+    rank = {m: max(j.priority for j in queue) for m, queue in self._queues.items() if queue}
+    return sorted(rank, key=lambda m: -rank[m])
 
   def _shed(self, now: float) -> None:
     """Drop every queued query projected to finish after its deadline, except the next batch's (nothing is ahead of
@@ -101,6 +118,10 @@ class Scheduler:
       modality = order[0]
       queue = self._queues[modality]
       jobs = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
+      for other in order[1:]:
+        for job in self._queues[other]:
+          if modality not in job.behind:
+            job.behind.append(modality)
       inputs = {k: np.concatenate([j.inputs[k] for j in jobs]) for k in jobs[0].inputs}
       start = time.monotonic()
       try:
@@ -118,4 +139,4 @@ class Scheduler:
         self._on_batch(modality, len(jobs), elapsed)
       for job, vector in zip(jobs, vectors):
         if not job.future.done():
-          job.future.set_result(vector)
+          job.future.set_result(Encoding(vector, tuple(job.behind)))

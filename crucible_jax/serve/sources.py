@@ -1,4 +1,8 @@
-"""Collections to index: SOURCE strings (`digit_world:SPLIT`) to batches of model inputs plus item records."""
+"""Collections to index: SOURCE strings to batches of model inputs plus item records.
+
+SOURCE is `digit_world:SPLIT`, `manifest:FILE.jsonl` (or `.csv`) or `shards:'DIR/*.tar'` (own data, see
+`own_collection`). Each yields (samples in the batch, {modality: (encoder inputs, item records)}).
+"""
 
 from typing import Any, Iterator
 
@@ -7,10 +11,10 @@ import numpy as np
 
 from crucible_jax.common_types import MODALITIES, present_key
 from crucible_jax.data.tokenizers import tokenizer_of
-from crucible_jax.serve import media
+from crucible_jax.serve import media, own_collection
 from crucible_jax.serve.export import input_keys
 
-SOURCES = ("digit_world:<split>",)
+SOURCES = ("digit_world:<split>", "manifest:<file.jsonl|file.csv>", "shards:<'DIR/*.tar'>")
 
 
 def _payload(modality: str, sample: dict[str, np.ndarray], data_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -27,7 +31,7 @@ def _payload(modality: str, sample: dict[str, np.ndarray], data_cfg: ml_collecti
 
 
 def _digit_world(split: str, data_cfg: ml_collections.ConfigDict, batch_size: int, spec: str
-                 ) -> tuple[int, Iterator[dict[str, tuple[dict[str, np.ndarray], list[dict[str, Any]]]]]]:
+                 ) -> tuple[int, Iterator[tuple[int, own_collection.Batch]]]:
   from crucible_jax.data import pipeline  # grain and tfds: only when DigitWorld is indexed
   from crucible_jax.data.digit_world import builder
   if split not in builder.SPLITS:
@@ -45,14 +49,18 @@ def _digit_world(split: str, data_cfg: ml_collections.ConfigDict, batch_size: in
                     **_payload(m, {k: v[i] for k, v in batch.items()}, data_cfg)} for i in keep]
         out[m] = ({k: batch[k][keep] for k in input_keys(m)}, records)
       row += len(real)
-      yield out
+      yield len(real), out
 
   return total, batches()
 
 
-def open_source(spec: str, data_cfg: ml_collections.ConfigDict, batch_size: int):
-  """(number of samples, iterator of {modality: (encoder inputs, records)}) for a SOURCE string."""
+def open_source(spec: str, data_cfg: ml_collections.ConfigDict, batch_size: int
+                ) -> tuple[int, Iterator[tuple[int, own_collection.Batch]]]:
+  """(samples, iterator of (samples in the batch, {modality: (encoder inputs, records)})) of a SOURCE string;
+  `data_cfg` is the model's data config (its preprocessing)."""
   name, _, arg = spec.partition(":")
+  if name in own_collection.KINDS and arg:
+    return own_collection.open_own(name, arg, data_cfg, batch_size, spec)
   if name == "digit_world" and arg:
     data_cfg = data_cfg.copy_and_resolve_references()
     with data_cfg.unlocked():

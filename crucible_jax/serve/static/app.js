@@ -55,7 +55,9 @@ async function search(event) {
     if (!response.ok) throw new Error(reply.error || "HTTP " + response.status);
     const cards = await Promise.all(reply.results.map(card));
     $("results").replaceChildren(...cards);
-    if (reply.dropped.length) show("notice", "Dropped to meet the deadline: " + reply.dropped.map((d) => d.modality).join(", "));
+    const shed = reply.dropped.map((d) => d.modality + " dropped to meet the deadline");
+    const waited = reply.deferred.map((d) => d.modality + " deferred behind " + d.behind.join(", "));
+    if (shed.length || waited.length) show("notice", shed.concat(waited).join("; "));
     $("status").textContent = reply.results.length + " results for " + reply.query + " in " + reply.latency_ms.toFixed(0) + " ms";
   } catch (error) {
     $("results").replaceChildren();
