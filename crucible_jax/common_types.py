@@ -17,6 +17,7 @@ PATCH: Final = "patch"  # flattened input patch (pixels, mel bins x frames)
 JOINT: Final = "joint"  # width of the shared cross-modal embedding space
 CLASSES: Final = "classes"  # task-head output classes
 NORM: Final = "norm"  # scale/bias of normalisation layers (never sharded)
+LORA_RANK: Final = "lora_rank"  # rank of a LoRA adapter (never sharded)
 
 # Modalities, in a fixed order used by fusion weights and routing plans.
 IMAGE: Final = "image"

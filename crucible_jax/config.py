@@ -20,6 +20,8 @@ from crucible_jax import tasks
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.data import registry
 from crucible_jax.data.tokenizers import tokenizer_of
+from crucible_jax.models.lora import run_adapters
+from crucible_jax.parallel import precision
 
 STAGE_NAMES = ("unimodal", "align", "joint")
 NAN_POLICIES = ("skip", "abort")
@@ -214,6 +216,30 @@ def _term_modalities(config: ml_collections.ConfigDict, where: str, term: str) -
   return needed
 
 
+def _validate_accum_steps(config: ml_collections.ConfigDict, name: str) -> None:
+  """`stages.<name>.accum_steps`: GradCache chunks, an int >= 1 that divides every device's rows, uncompressed,
+  without float16 loss scaling."""
+  k = config.stages[name].get("accum_steps", 1)
+  where = f"stages.{name}.accum_steps={k!r}"
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ConfigError(f"{where} must be an integer >= 1")
+  if k == 1:
+    return
+  method = config.get("compression", {}).get("method", "none")
+  if method != "none":
+    raise ConfigError(f"{where} cannot be combined with compression.method={method!r}")
+  try:
+    float16 = precision.Policy.from_config(config.get("precision", {})).needs_loss_scaling
+  except ValueError as e:
+    raise ConfigError(f"precision: {e}") from None
+  if float16:
+    raise ConfigError(f"{where} cannot be combined with float16 compute (its loss scaling); use bfloat16")
+  shards = math.prod(v for axis, v in dict(config.mesh).items() if axis in ("data", "fsdp"))
+  if shards > 0 and (config.batch_size // shards) % k:
+    raise ConfigError(f"{where} does not divide the {config.batch_size // shards} rows per device "
+                      f"(batch_size={config.batch_size} over mesh data x fsdp={shards})")
+
+
 def _validate_stages(config: ml_collections.ConfigDict) -> None:
   active = set(config.model.modalities)
   if not config.stage_order:
@@ -234,6 +260,7 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     if not route and planned:
       raise ConfigError(f"stages.{name}.route=False bypasses the router's plan, but its objective has the plan's "
                         f"terms {planned} (only routing/utility, which trains the estimator, applies)")
+    _validate_accum_steps(config, name)
     for term in stage.objective:
       if term.startswith("routing/"):
         continue  # the router's terms (train/objectives.py) need no modality
@@ -241,6 +268,13 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
       if missing:
         raise ConfigError(f"stages.{name}.objective.{term} needs modalities {sorted(missing)} "
                           f"not in model.modalities {sorted(active)}")
+  try:
+    adapters = run_adapters(config.stages, config.stage_order)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  missing = sorted(set(adapters) - active)
+  if missing:
+    raise ConfigError(f"stages' lora.towers name {missing}, not in model.modalities {sorted(active)}")
   for name, evaluator in config.evals.items():
     try:
       tasks.evaluator_factory(evaluator.get("kind", name))

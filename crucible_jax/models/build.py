@@ -13,6 +13,7 @@ from crucible_jax.models.crucible import (ALL_HEADS, DTYPES, VQA_READERS, Crucib
 from crucible_jax.models.encoders import TEXT_MASKS
 from crucible_jax.models.heads import POOLS
 from crucible_jax.models.layers import ACTIVATIONS, ATTENTION_KERNELS, Dtype, Style
+from crucible_jax.models.lora import LoRA, lora_of
 from crucible_jax.models.melspec import audio_augment_spec, num_frames
 from crucible_jax.models.router import routing_spec
 
@@ -78,7 +79,14 @@ def _tower(cfg: ml_collections.ConfigDict, m: str) -> TowerSpec:
   if attention == "cudnn" and dtype == jnp.float32:
     raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype; {m} computes in float32")
   return TowerSpec(width, _positive(cfg, f"{m}.depth"), heads, _positive(cfg, f"{m}.mlp"), dtype, stem=stem,
-                   stem_convs=stem_convs, pos_std=float(pos_std), attention=attention, **_pretrained_options(cfg, m))
+                   stem_convs=stem_convs, pos_std=float(pos_std), attention=attention, lora=_lora(cfg, m),
+                   **_pretrained_options(cfg, m))
+
+
+def _lora(cfg: ml_collections.ConfigDict, m: str) -> LoRA | None:
+  """`{m}.lora` = {rank, alpha} (set from the stages' `lora` by `train.setup`), or None."""
+  spec = cfg[m].get("lora")
+  return lora_of(spec, f"{m}.lora") if spec else None
 
 
 def _flag(cfg: ml_collections.ConfigDict, path: str, default: bool) -> bool:

@@ -18,6 +18,7 @@ from crucible_jax.models.fusion import AdaptiveFusion
 from crucible_jax.models.heads import (ClassifierHead, JointProjection, QueryPool, SlotAnswerHead, TokenPool,
                                        masked_mean_pool, position_targets)
 from crucible_jax.models.layers import Dtype, Style, logical
+from crucible_jax.models.lora import LoRA
 from crucible_jax.models.melspec import AudioAugment
 from crucible_jax.models.router import RoutePlan, RoutingSpec, routed_encode
 
@@ -52,6 +53,7 @@ class TowerSpec:
   pool: str = "slots"  # how tokens become the projected vector (heads.POOLS)
   proj_bias: bool = True  # bias of the projection into the joint space
   text_mask: str = "padding"  # attention mask of the text tower (encoders.TEXT_MASKS)
+  lora: LoRA | None = None  # low-rank adapters of the tower's attention and MLP kernels (models.lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +159,7 @@ class CrucibleModel(nn.Module):
     kw = dict(
         width=spec.width, depth=spec.depth, num_heads=spec.heads, mlp_dim=spec.mlp,
         pos_std=spec.pos_std, dtype=spec.dtype, param_dtype=c.param_dtype, attention=spec.attention,
-        style=spec.style,
+        style=spec.style, lora=spec.lora,
     )
     if modality != TEXT:
       kw.update(stem=spec.stem, stem_convs=spec.stem_convs, pre_norm=spec.pre_norm, cls_token=spec.cls_token,

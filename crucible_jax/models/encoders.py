@@ -9,6 +9,7 @@ from jaxtyping import Array, Bool, Float, Int
 from crucible_jax.common_types import EMBED, LENGTH, PATCH, VOCAB
 from crucible_jax.models.layers import (TOKENS, Dtype, Style, Transformer, default_kernel_init, dense, layer_norm,
                                         logical)
+from crucible_jax.models.lora import LoRA
 from crucible_jax.models.melspec import AudioAugment, log_mel_spectrogram, perturb_waveform, spec_augment_keep
 
 Encoded = tuple[Float[Array, "b n d"], Bool[Array, "b n"]]
@@ -29,6 +30,7 @@ class PositionalTransformer(nn.Module):
   attention: str = "xla"  # attention kernel (layers.ATTENTION_KERNELS)
   style: Style = Style()
   pre_norm: bool = False  # a LayerNorm before the first block (CLIP's ln_pre)
+  lora: LoRA | None = None  # low-rank adapters of the blocks' attention and MLP kernels
 
   @nn.compact
   def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None) -> Float[Array, "b n d"]:
@@ -46,7 +48,7 @@ class PositionalTransformer(nn.Module):
       x = layer_norm(dtype=self.dtype, param_dtype=self.param_dtype, style=self.style, name="ln_pre")(x)
     return Transformer(
         self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-        attention=self.attention, style=self.style, name="transformer",
+        attention=self.attention, style=self.style, lora=self.lora, name="transformer",
     )(x, mask)
 
 
@@ -107,6 +109,7 @@ class _Tower(nn.Module):
   pre_norm: bool = False  # LayerNorm after the positional embedding (CLIP's ln_pre)
   cls_token: bool = False  # prepend a learned class token (CLIP); its output is token 0
   patch_bias: bool = True  # bias of the patch embedding (CLIP's conv1 has none)
+  lora: LoRA | None = None  # low-rank adapters of the Transformer's attention and MLP kernels
 
   def apply_stem(self, x: Float[Array, "n h w c"]) -> Float[Array, "n h w f"]:
     """The conv stem over 2-D inputs (identity without one)."""
@@ -127,7 +130,7 @@ class _Tower(nn.Module):
     x = nn.with_logical_constraint(x, TOKENS)
     return PositionalTransformer(
         x.shape[1], self.depth, self.num_heads, self.mlp_dim, self.pos_std, attention=self.attention,
-        style=self.style, pre_norm=self.pre_norm, name="encoder", **kw
+        style=self.style, pre_norm=self.pre_norm, lora=self.lora, name="encoder", **kw
     )(x, mask), mask
 
 
@@ -241,6 +244,7 @@ class TextEncoder(nn.Module):
   attention: str = "xla"  # attention kernel (layers.ATTENTION_KERNELS)
   style: Style = Style()  # MLP activation and LayerNorm numerics
   mask: str = "padding"  # one of TEXT_MASKS
+  lora: LoRA | None = None  # low-rank adapters of the Transformer's attention and MLP kernels
 
   @nn.compact
   def __call__(self, tokens: Int[Array, "b l"]) -> Encoded:
@@ -263,5 +267,5 @@ class TextEncoder(nn.Module):
     )(tokens)
     x = nn.with_logical_constraint(x, TOKENS)
     x = PositionalTransformer(self.max_len, self.depth, self.num_heads, self.mlp_dim, self.pos_std,
-                              attention=self.attention, style=self.style, name="encoder", **kw)(x, keys)
+                              attention=self.attention, style=self.style, lora=self.lora, name="encoder", **kw)(x, keys)
     return x, mask

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from crucible_jax.common_types import BATCH, EMBED, HEADS, KV, LENGTH, MLP, NORM
+from crucible_jax.models.lora import Dense, LoRA, adapter_delta
 
 Dtype = Any
 Initializer = Any
@@ -30,8 +31,13 @@ def dense(
     param_dtype: Dtype,
     name: str | None = None,
     use_bias: bool = True,
+    lora: LoRA | None = None,
 ) -> nn.Dense:
-  """A Dense whose kernel is named `names` (in, out) and whose bias is named (out,)."""
+  """A Dense whose kernel is named `names` (in, out) and whose bias is named (out,); `lora` adds adapters."""
+  if lora is not None:
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name, lora=lora, names=names,
+                 kernel_init=logical(default_kernel_init, names),
+                 bias_init=logical(nn.initializers.zeros_init(), (names[1],)))
   return nn.Dense(
       features,
       use_bias=use_bias,
@@ -95,6 +101,7 @@ class HeadProjection(nn.Module):
   count: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoRA | None = None  # low-rank adapters of the kernel
 
   @nn.compact
   def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "... b l h k"]:
@@ -107,6 +114,8 @@ class HeadProjection(nn.Module):
     bias = self.param("bias", logical(nn.initializers.zeros_init(), names[1:]), shape[1:], self.param_dtype)
     spec = "bld,dthk->blthk" if stacked else "bld,dhk->blhk"
     y = jnp.einsum(spec, x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    if self.lora is not None:
+      y = y + adapter_delta(self, x, shape, names[:1], names[1:], self.lora, self.dtype, self.param_dtype)
     return tuple(y[:, :, i] for i in range(self.count)) if stacked else y
 
 
@@ -116,14 +125,17 @@ class HeadMerge(nn.Module):
   width: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoRA | None = None  # low-rank adapters of the kernel
 
   @nn.compact
   def __call__(self, x: Float[Array, "b l h k"]) -> Float[Array, "b l d"]:
     kernel = self.param("kernel", logical(nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2), (HEADS, KV, EMBED)),
                         (x.shape[-2], x.shape[-1], self.width), self.param_dtype)
     bias = self.param("bias", logical(nn.initializers.zeros_init(), (EMBED,)), (self.width,), self.param_dtype)
-    y = jnp.einsum("blhk,hkd->bld", x.astype(self.dtype), kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype)
+    y = jnp.einsum("blhk,hkd->bld", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    if self.lora is not None:
+      y = y + adapter_delta(self, x, kernel.shape, (HEADS, KV), (EMBED,), self.lora, self.dtype, self.param_dtype)
+    return y
 
 
 ATTENTION_KERNELS = ("xla", "cudnn")
@@ -140,6 +152,7 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel: str = "xla"
+  lora: LoRA | None = None  # low-rank adapters of the q/k/v and output projections
 
   @nn.compact
   def __call__(
@@ -153,7 +166,7 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
     head_dim = width // self.num_heads
 
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     if context is None:
       query, key, value = HeadProjection(self.num_heads, head_dim, count=3, name="qkv", **kw)(x)
     else:
@@ -169,7 +182,7 @@ class MultiHeadAttention(nn.Module):
       attended = self._einsum_attention(query, key, value, full_mask)
     else:
       raise ValueError(f"attention kernel {self.kernel!r}: expected one of {ATTENTION_KERNELS}")
-    return HeadMerge(width, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(attended)
+    return HeadMerge(width, name="out", **kw)(attended)
 
   def _einsum_attention(
       self, query: Float[Array, "b q h k"], key: Float[Array, "b l h k"], value: Float[Array, "b l h k"],
@@ -195,10 +208,11 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   act: str = "gelu_tanh"  # key of ACTIVATIONS
+  lora: LoRA | None = None  # low-rank adapters of fc1 and fc2
 
   @nn.compact
   def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
     h = dense(self.hidden, (EMBED, MLP), name="fc1", **kw)(x)
     h = ACTIVATIONS[self.act](h)
     if h.ndim == 3:
@@ -215,15 +229,16 @@ class TransformerBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"  # MultiHeadAttention kernel
   style: Style = Style()
+  lora: LoRA | None = None  # low-rank adapters of the attention and MLP kernels
 
   @nn.compact
   def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None = None) -> Float[Array, "b n d"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layer_norm(name="ln_attn", style=self.style, **kw)(x)
-    x = x + MultiHeadAttention(self.num_heads, kernel=self.attention, name="attn", **kw)(h, mask=mask)
+    x = x + MultiHeadAttention(self.num_heads, kernel=self.attention, lora=self.lora, name="attn", **kw)(h, mask=mask)
     x = nn.with_logical_constraint(x, TOKENS)
     h = layer_norm(name="ln_mlp", style=self.style, **kw)(x)
-    x = x + Mlp(self.mlp_dim, name="mlp", act=self.style.act, **kw)(h)
+    x = x + Mlp(self.mlp_dim, name="mlp", act=self.style.act, lora=self.lora, **kw)(h)
     return nn.with_logical_constraint(x, TOKENS)
 
 
@@ -237,12 +252,13 @@ class Transformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"  # MultiHeadAttention kernel
   style: Style = Style()
+  lora: LoRA | None = None  # low-rank adapters of every block's attention and MLP kernels
 
   @nn.compact
   def __call__(self, x: Float[Array, "b n d"], mask: Bool[Array, "..."] | None = None) -> Float[Array, "b n d"]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.with_logical_constraint(x.astype(self.dtype), TOKENS)
     for i in range(self.depth):
-      x = TransformerBlock(self.num_heads, self.mlp_dim, attention=self.attention, style=self.style,
+      x = TransformerBlock(self.num_heads, self.mlp_dim, attention=self.attention, style=self.style, lora=self.lora,
                            name=f"block_{i}", **kw)(x, mask)
     return layer_norm(name="ln_final", style=self.style, **kw)(x)

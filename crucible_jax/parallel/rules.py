@@ -13,14 +13,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from crucible_jax.common_types import BATCH, CLASSES, EMBED, HEADS, JOINT, KV, LENGTH, MLP, NORM, PATCH, VOCAB
+from crucible_jax.common_types import (BATCH, CLASSES, EMBED, HEADS, JOINT, KV, LENGTH, LORA_RANK, MLP, NORM, PATCH,
+                                       VOCAB)
 from crucible_jax.parallel.mesh import data_axes
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 
 _BATCH_RULE = (BATCH, ("data", "fsdp"))
-_UNSHARDED = tuple((name, None) for name in (LENGTH, KV, PATCH, CLASSES, NORM))
+_UNSHARDED = tuple((name, None) for name in (LENGTH, KV, PATCH, CLASSES, NORM, LORA_RANK))
 
 LOGICAL_AXIS_RULES: dict[str, Rules] = {
     # Pure data parallel: every param replicated, the batch split over data and fsdp.

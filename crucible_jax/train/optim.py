@@ -105,12 +105,13 @@ def _check_group_names(optim: ml_collections.ConfigDict, groups: Mapping[str, st
                        f"(known: {sorted(known)})")
 
 
-def build_optimizer(stage: ml_collections.ConfigDict, optim: ml_collections.ConfigDict,
-                    params: Any) -> optax.GradientTransformation:
-  """AdamW per group (lr scaled by `optim.lr_scale[group]`, schedule by `optim.schedules[group]`), frozen = zero."""
+def build_optimizer(stage: ml_collections.ConfigDict, optim: ml_collections.ConfigDict, params: Any,
+                    frozen: Sequence[str] | None = None) -> optax.GradientTransformation:
+  """AdamW per group (lr scaled by `optim.lr_scale[group]`, schedule by `optim.schedules[group]`), frozen = zero;
+  `frozen` (default: the stage's `frozen`) are the regexes of the params held fixed."""
   groups = dict(optim.get("groups", {}))
   _check_group_names(optim, groups)
-  labels = param_labels(params, tuple(stage.frozen), groups)
+  labels = param_labels(params, tuple(stage.frozen if frozen is None else frozen), groups)
   used = set(flax.traverse_util.flatten_dict(labels).values())
   transforms = {}
   for group in used:

@@ -4,6 +4,7 @@ The trainer and the benchmarks share it; it never imports the data pipeline, so 
 machine without grain or tfds.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -18,9 +19,9 @@ import optax
 
 from crucible_jax import tasks
 from crucible_jax.data.schema import example_batch
-from crucible_jax.models import ALL_HEADS, build_model
+from crucible_jax.models import ALL_HEADS, build_model, lora as lora_lib
 from crucible_jax.parallel import compression, mesh as mesh_lib, precision, rules as rules_lib
-from crucible_jax.train import objectives, optim, stages as stages_lib, step as step_lib
+from crucible_jax.train import grad_cache, objectives, optim, stages as stages_lib, step as step_lib
 from crucible_jax.train.state import TrainState
 
 
@@ -49,6 +50,10 @@ class Experiment:
     model_cfg = self.policy.apply_to_model_config(config.model.copy_and_resolve_references())
     if "routing" in model_cfg:  # each data shard routes its own block of the batch (gathers stay on-device)
       model_cfg.routing.groups = mesh_lib.num_data_shards(self.mesh)
+    self.adapters = lora_lib.run_adapters(config.stages, config.stage_order)  # tower -> LoRA of some stage
+    with model_cfg.unlocked():
+      for tower, adapter in self.adapters.items():
+        model_cfg[tower].lora = dataclasses.asdict(adapter)
     self.model = build_model(model_cfg)
     self.plans = stages_lib.plan_stages(config)
     self.replicated = rules_lib.replicated(self.mesh)
@@ -93,8 +98,9 @@ class Experiment:
   def stage_parts(self, plan: stages_lib.StagePlan) -> tuple[optax.GradientTransformation, Any, tuple, Callable]:
     """Optimizer, frozen mask, model heads and objective of one stage."""
     groups = dict(self.config.optim.get("groups", {}))
-    tx = optim.build_optimizer(plan.cfg, self.config.optim, self.abstract_params)
-    labels = optim.param_labels(self.abstract_params, tuple(plan.cfg.frozen), groups)
+    frozen_patterns = (*plan.cfg.frozen, *lora_lib.frozen_patterns(plan.cfg, self.adapters))
+    tx = optim.build_optimizer(plan.cfg, self.config.optim, self.abstract_params, frozen_patterns)
+    labels = optim.param_labels(self.abstract_params, frozen_patterns, groups)
     frozen = jax.tree.map(lambda label: label == optim.FROZEN, labels)
     # Contrastive losses run as a ring over the data axes (no global B×B matrix on a device), unless the whole
     # loss already runs per shard inside the compressed-gradient shard_map: there each shard gathers the embeddings.
@@ -200,6 +206,14 @@ class Experiment:
     if method != "none":
       grad_fn = compression.make_compressed_value_and_grad(loss_fn, self.mesh, method,
                                                            **self._compression_args(self.trained(plan)))
+    elif plan.accum_steps > 1:  # GradCache: the global batch's contrastive gradient, one chunk's activations alive
+      rows = self.config.batch_size // mesh_lib.num_data_shards(self.mesh)
+      if rows % plan.accum_steps:
+        raise ValueError(f"stages.{plan.name}.accum_steps={plan.accum_steps} does not divide the {rows} rows per "
+                         f"device (batch_size={self.config.batch_size} over {mesh_lib.num_data_shards(self.mesh)})")
+      _, frozen, heads, objective = parts
+      forward = step_lib.make_forward_fn(self.model, heads, frozen, self.rules, route=bool(plan.cfg.get("route", True)))
+      grad_fn = grad_cache.make_grad_cache_fn(forward, objective, plan.accum_steps)
     batch_shardings = {key: self.batch_sharding for key in self.example_batch(1)}
     return jax.jit(step_lib.make_train_step(loss_fn, grad_fn=grad_fn),
                    in_shardings=(shardings, batch_shardings, self.replicated),

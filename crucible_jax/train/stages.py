@@ -27,6 +27,11 @@ class StagePlan:
   def end(self) -> int:
     return self.start + self.steps
 
+  @property
+  def accum_steps(self) -> int:
+    """GradCache chunks per step (`accum_steps`, default 1 = plain autodiff)."""
+    return int(self.cfg.get("accum_steps", 1))
+
 
 def plan_stages(config: ml_collections.ConfigDict) -> list[StagePlan]:
   """The run's stages in order, with global step offsets."""
