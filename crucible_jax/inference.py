@@ -26,6 +26,7 @@ from jaxtyping import Array, Float
 from crucible_jax.config import ConfigError, validate
 from crucible_jax.data.schema import example_batch
 from crucible_jax.common_types import MODALITIES, present_key
+from crucible_jax.models import lora
 from crucible_jax.parallel import mesh as mesh_lib
 from crucible_jax.train.checkpoint import CONFIG_FILE, PARAMS_DIR, final_state_dir
 from crucible_jax.train.setup import Experiment
@@ -142,7 +143,23 @@ def load(path: str | pathlib.Path, devices: Sequence[jax.Device] | None = None, 
     params = _restore_tree((path / PARAMS_DIR).absolute(), abstract)
   else:
     params = _restore_tree(final_state_dir(path), {"params": abstract})["params"]
+  if experiment.adapters:  # LoRA: fold the adapters into the kernels; what is returned is a plain model
+    config = without_adapters(config)
+    merged = lora.merge(params, experiment.adapters)
+    experiment = Experiment(config, mesh)
+    params = jax.device_put(merged, experiment.param_shardings)
   return InferenceModel(config, experiment, params)
+
+
+def without_adapters(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A locked copy of `config` whose stages have no `lora` (the model it builds has no adapters)."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    for stage in config.stages.values():
+      if "lora" in stage:
+        del stage["lora"]
+  config.lock()
+  return config
 
 
 def save_params_dir(out: str | pathlib.Path, config: ml_collections.ConfigDict, params: Any) -> pathlib.Path:

@@ -11,12 +11,20 @@ Layouts: crucible_jax/data/own/records.py. Model input shapes follow `data.*` (i
 
 Default: ViT-S/16-sized towers at 224x224, 5 s of 16 kHz audio, batch 256, 10k steps, bf16 (a GPU run).
 `:tiny` — a CPU test run: 32x32 images, one-block towers, 1 s of 8 kHz audio, 40 steps, batch 16.
+
+Fine-tuning a pretrained CLIP: `--config.init_from=DIR` (a `crucible convert` output) takes its towers, tokenizer
+and preprocessing; `--config.stages.align.lora="{'towers': ('image', 'text'), 'rank': 8, 'alpha': 16}"` trains
+LoRA adapters only (README, "Fine-tune a pretrained CLIP").
 """
+
+import pathlib
 
 import ml_collections
 
 from crucible_jax.common_types import AUDIO, IMAGE, TEXT, VIDEO
 from crucible_jax.data.own.config import detect_modalities, own_data_config
+from crucible_jax.interop.config import adopt_pretrained
+from crucible_jax.train.checkpoint import PARAMS_DIR
 from crucible_jax.models import default_model_config
 
 VARIANTS = ("tiny",)
@@ -55,9 +63,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.plots = False  # the trainer's figures assume DigitWorld batches
   c.stage_order = ("align",)
   c.stages = dict(align=dict(steps=10000, lr=5e-4, warmup=500, frozen=(), carry=(),
+                             accum_steps=1,  # GradCache chunks per step (the contrastive loss still sees the batch)
+                             lora={},  # {} = off; {'towers': ('image', 'text'), 'rank': 8, 'alpha': 16}: adapters
                              objective={}))  # {} = a contrastive term per pair the data has (resolve)
   c.evals = dict(retrieval=dict(pairs=()))  # () = both directions of each trained pair (resolve)
   c.eval_splits = ("test",)
+  c.init_from = ""  # a converted checkpoint (crucible convert) or workdir; a checkpoint's towers, tokenizer and
+  # preprocessing replace model.* and data.{image_size,image_mean,image_std,text_len,tokenizer} (resolve)
+  c.init_from_take = ()  # regexes of the param paths to take; () = all
+  c.init_from_partial = False  # False: any key that does not fit stops the run; True: load what fits, report the rest
   if "tiny" in variants:
     c.batch_size = c.eval_batch_size = 16
     c.data.update(image_size=(32, 32), video_size=(16, 16), video_frames=2, sample_rate=8000, audio_seconds=1.0,
@@ -76,7 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def resolve(config: ml_collections.ConfigDict) -> None:
-  """After --config overrides: the data's modalities, their contrastive pairs, and model input shapes = data's."""
+  """After --config overrides: a converted `init_from`'s model and inputs, the data's modalities, their contrastive
+  pairs, and model input shapes = data's."""
+  if config.init_from and pathlib.Path(config.init_from, PARAMS_DIR).is_dir():
+    adopt_pretrained(config, config.init_from)
   if not config.model.modalities:
     found = detect_modalities(config.data)
     if TEXT not in found or len(found) < 2:

@@ -1,10 +1,12 @@
 """The experiment config a converted checkpoint carries: its towers, preprocessing and tokenizer, ready to fine-tune."""
 
+import pathlib
 from typing import Any
 
 import ml_collections
 
 from crucible_jax.data.pipeline import default_data_config
+from crucible_jax.inference import read_config
 from crucible_jax.interop.archs import Arch
 from crucible_jax.models import default_model_config
 
@@ -55,9 +57,34 @@ def converted_config(arch: Arch, towers: tuple[dict, dict], preprocess: dict[str
   c.log_every = 50
   c.checkpoint = dict(every=500, keep=2, async_save=True)
   c.stage_order = ("align",)
-  c.stages = dict(align=dict(steps=1000, lr=1e-5, warmup=100, frozen=(), carry=(),
+  c.stages = dict(align=dict(steps=1000, lr=1e-5, warmup=100, frozen=(), carry=(), accum_steps=1, lora={},
                              objective={"contrastive/image-text": 1.0}))
   c.evals = dict(retrieval=dict(pairs=(("image", "text"), ("text", "image"))))
   c.eval_splits = ("test",)
   c.pretrained = dict(source=source, arch=arch_name or "", preprocess=preprocess, tokenizer=tokenizer)
   return c
+
+
+def adopt_pretrained(config: ml_collections.ConfigDict, params_dir: str | pathlib.Path) -> None:
+  """Fit a dataset's experiment config to the converted checkpoint in `params_dir`: its towers (`model`), contrastive
+  loss, tokenizer (`data.tokenizer`, read from the checkpoint's file) and preprocessing (image size, mean and std;
+  the data's own crops), and `pretrained`, so `crucible embed --workdir` preprocesses as the checkpoint does.
+  ValueError naming what does not fit."""
+  params_dir = pathlib.Path(params_dir).absolute()
+  saved = read_config(params_dir)
+  if "pretrained" not in saved:
+    raise ValueError(f"init_from={str(params_dir)!r} is not a converted checkpoint (its config has no `pretrained`)")
+  pretrained = saved.pretrained.to_dict()
+  tokenizer = dict(pretrained["tokenizer"], file=str(params_dir / pretrained["tokenizer"]["file"]))
+  if tokenizer["kind"] != "clip_bpe":
+    raise ValueError(f"init_from={str(params_dir)!r}: fine-tuning on your data reads CLIP BPE tokenizers; this "
+                     f"checkpoint's is {tokenizer['kind']!r}")
+  preprocess = pretrained["preprocess"]
+  config.model = ml_collections.ConfigDict(saved.model.to_dict())
+  config.loss_kind = saved.loss_kind
+  d = config.data
+  d.image_size, d.channels = (preprocess["size"], preprocess["size"]), 3
+  d.image_mean, d.image_std = tuple(preprocess["mean"]), tuple(preprocess["std"])
+  d.text_len = tokenizer["max_len"]
+  d.tokenizer.kind, d.tokenizer.path = "clip_bpe", tokenizer["file"]
+  config.pretrained = ml_collections.ConfigDict(dict(pretrained, tokenizer=tokenizer))

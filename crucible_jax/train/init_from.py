@@ -17,6 +17,7 @@ import flax.traverse_util
 import jax
 import orbax.checkpoint as ocp
 
+from crucible_jax.models import lora
 from crucible_jax.train.checkpoint import CHECKPOINTS_DIR, PARAMS_DIR, final_state_dir
 
 REPORT_FILE = "init_from_report.json"
@@ -62,12 +63,15 @@ def _locate(source: pathlib.Path) -> tuple[pathlib.Path, bool]:
 
 def compare(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]], take: Sequence[str],
             source: str) -> Report:
-  """What of `saved` (path → shape) fits `wanted`, among the paths some `take` regex selects (all when empty)."""
+  """What of `saved` (path → shape) fits `wanted`, among the paths some `take` regex selects (all when empty);
+  the model's LoRA adapters are never missing."""
   chosen = lambda path: not take or any(re.search(t, path) for t in take)
   src = {k: s for k, s in saved.items() if chosen(k)}
   dst = {k: s for k, s in wanted.items() if chosen(k)}
   common = sorted(set(src) & set(dst))
-  return Report(source, [k for k in common if src[k] == dst[k]], sorted(set(dst) - set(src)),
+  # LoRA adapters the source lacks (a converted checkpoint has none) start from their init: B = 0, the base model.
+  missing = sorted(k for k in set(dst) - set(src) if not re.search(lora.ADAPTER_PATTERN, k))
+  return Report(source, [k for k in common if src[k] == dst[k]], missing,
                 sorted(set(src) - set(wanted)), [f"{k}: {src[k]} vs {dst[k]}" for k in common if src[k] != dst[k]])
 
 

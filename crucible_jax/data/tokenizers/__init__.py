@@ -13,7 +13,7 @@ from ml_collections import config_dict
 from crucible_jax.data.tokenizers.base import Tokenizer
 from crucible_jax.data.tokenizers.byte import ByteTokenizer
 
-KINDS = ("byte", "sentencepiece", "hf")
+KINDS = ("byte", "sentencepiece", "hf", "clip_bpe")
 
 
 def _sentencepiece(path: str, max_len: int) -> Tokenizer:
@@ -26,13 +26,19 @@ def _hf(path: str, max_len: int) -> Tokenizer:
   return HFTokenizer(path, max_len)
 
 
-_FILE_TOKENIZERS: dict[str, Callable[[str, int], Tokenizer]] = {"sentencepiece": _sentencepiece, "hf": _hf}
+def _clip_bpe(path: str, max_len: int) -> Tokenizer:
+  from crucible_jax.data.tokenizers.clip_bpe import ClipBpeTokenizer  # pylint: disable=g-import-not-at-top
+  return ClipBpeTokenizer(path, max_len)
+
+
+_FILE_TOKENIZERS: dict[str, Callable[[str, int], Tokenizer]] = {"sentencepiece": _sentencepiece, "hf": _hf,
+                                                                "clip_bpe": _clip_bpe}
 
 
 def default_tokenizer_config() -> ml_collections.ConfigDict:
   """`data.tokenizer`: the byte tokenizer unless a kind and a file are given."""
   cfg = ml_collections.ConfigDict()
-  cfg.kind = "byte"  # byte | sentencepiece (a .model) | hf (a tokenizer.json)
+  cfg.kind = "byte"  # byte | sentencepiece (a .model) | hf (a tokenizer.json) | clip_bpe (CLIP's merges file)
   cfg.path = config_dict.placeholder(str)  # the model file of sentencepiece / hf
   return cfg
 
