@@ -1,10 +1,16 @@
 """GradCache: chunked contrastive gradients equal the full-batch step's on the 8-device mesh."""
 
+import json
+import pathlib
+
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from crucible_jax import load_experiment
+from crucible_jax.cli import main
+from crucible_jax.config import ConfigError
 from crucible_jax.bench import grad_cache as grad_cache_bench
 from crucible_jax.train import grad_cache, stages as stages_lib, step as step_lib
 from crucible_jax.train.setup import Experiment
@@ -88,3 +94,49 @@ def test_bench_memory_falls_with_accum_steps():
   print({k: result[k]["temp_bytes"] for k in ("plain", "k=4")})
   assert result["k=4"]["temp_bytes"] < 0.5 * result["plain"]["temp_bytes"]
   assert result["k=4"]["argument_bytes"] == result["plain"]["argument_bytes"]
+
+
+OWN_DATA = pathlib.Path(__file__).parents[1] / "experiments" / "own_data.py"
+
+
+def write_manifest(root: pathlib.Path, count: int = 24, size: tuple[int, int] = (40, 48)) -> pathlib.Path:
+  """`count` random RGB PNGs with one caption each, as an own-data JSONL manifest."""
+  rng = np.random.default_rng(0)
+  (root / "img").mkdir(parents=True, exist_ok=True)
+  rows = []
+  for i in range(count):
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+    rows.append({"image": f"img/{i}.png", "text": [f"a photo of thing number {i}"]})
+  (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return root / "manifest.jsonl"
+
+
+def test_accum_steps_trains_like_the_full_batch_through_crucible_train(tmp_path):
+  """`stages.align.accum_steps=2` (GradCache over the 8-device mesh's 2 rows each) gives the losses of plain
+  autodiff step for step: the same gradients, so the same updates."""
+  manifest = write_manifest(tmp_path)
+  losses = {}
+  for k in (1, 2):
+    args = ["train", "--config", f"{OWN_DATA}:tiny", f"--config.data.manifest={manifest}", "--config.eval_splits=()",
+            "--config.stages.align.steps=3", "--config.stages.align.warmup=0", "--config.log_every=1",
+            f"--config.stages.align.accum_steps={k}", "--workdir", str(tmp_path / f"k{k}")]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / f"k{k}" / "metrics.jsonl").read_text().splitlines()]
+    losses[k] = [r["loss"] for r in rows if "loss" in r]
+  print(f"losses k=1 {losses[1]}, k=2 {losses[2]}")
+  assert len(losses[1]) == 3 and losses[1][0] != losses[1][2]
+  np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.stages.align.accum_steps=0", "accum_steps=0 must be an integer >= 1"),
+    ("--config.stages.align.accum_steps=3", "accum_steps=3 does not divide the 2 rows per device"),
+    ("--config.compression.method=int8", "cannot be combined with compression.method='int8'"),
+    ("--config.precision.compute=float16", "cannot be combined with float16 compute"),
+])
+def test_bad_accum_steps_is_a_config_error(tmp_path, override, message):
+  manifest = write_manifest(tmp_path, count=2)
+  args = [f"--config.data.manifest={manifest}", "--config.mesh={'data': 8, 'fsdp': 1, 'tensor': 1}",
+          *(["--config.stages.align.accum_steps=2"] if "accum_steps" not in override else []), override]
+  with pytest.raises(ConfigError, match=message):
+    load_experiment(f"{OWN_DATA}:tiny", args)
