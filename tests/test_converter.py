@@ -34,7 +34,8 @@ CAPTIONS = np.stack([dw_targets.caption_target(d[d >= 0], dw_targets.caption_len
 
 def test_caption_targets_come_from_the_batch_and_spell_the_digits():
   assert CAPTIONS.shape == (3, MAX_LEN) and CAPTIONS.dtype == np.int32
-  targets, mask = converter.caption_targets({"caption": jnp.asarray(CAPTIONS[:, :20])}, MAX_LEN)  # padded out
+  targets, mask = converter.caption_targets({"caption": jnp.asarray(CAPTIONS)}, MAX_LEN + 4)  # padded out
+  assert targets.shape == (3, MAX_LEN + 4) and not targets[:, MAX_LEN:].any()
   inputs = converter.teacher_inputs(targets)
   for row, digits in enumerate(DIGITS):
     text = dw_targets.caption_text(digits)
@@ -247,7 +248,8 @@ def test_caption_evaluator_accuracy_and_wer():
   ids = np.stack([byte.ByteTokenizer(MAX_LEN).encode("three seven one", add_eos=True),
                   byte.ByteTokenizer(MAX_LEN).encode("zero zero", add_eos=True),
                   byte.ByteTokenizer(MAX_LEN).encode("seven three eight eight", add_eos=True)])
-  evaluator.update({"caption_ids": {"image": ids}}, {"caption": CAPTIONS, "weight": np.ones(3, np.float32)})
+  evaluator.update({"caption_ids": {"image": ids}}, {"caption": CAPTIONS, "digits": DIGITS,
+                                                      "weight": np.ones(3, np.float32)})
   result = evaluator.result()
   assert result["caption_from_image/accuracy"] == pytest.approx(2 / 3)
   assert result["caption_from_image/wer"] == pytest.approx(1 / 8)  # one insertion over 8 reference words
