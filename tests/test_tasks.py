@@ -12,7 +12,7 @@ import ml_collections
 import pytest
 
 from crucible_jax import tasks
-from crucible_jax.config import ConfigError, load_experiment
+from crucible_jax.config import ConfigError, load_experiment, validate
 from crucible_jax.models.crucible import ALL_HEADS
 from crucible_jax.train import objectives
 
@@ -129,3 +129,15 @@ def test_a_digit_world_task_on_another_source_is_a_config_error():
   load_experiment(f"{ROOT / 'experiments' / 'digit_world.py'}:tiny")  # DigitWorld's tasks are registered now
   with pytest.raises(ConfigError, match="objective.fused: task 'fused' belongs to data.name='digit_world'"):
     load_experiment(str(ROOT / "experiments" / "audioset.py"), ["stages.joint.objective={'fused': 1.0}"])
+
+
+def test_the_caption_task_checks_its_batch_targets_at_config_load():
+  """Captioning reads batch['caption']: data.caption_len must give it, no longer than the decoder's max_len."""
+  spec = f"{ROOT / 'experiments' / 'digit_world.py'}:tiny,generate"
+  with pytest.raises(ConfigError, match="caption/.*data.caption_len=0 leaves out"):
+    load_experiment(spec, ["data.caption_len=0"])
+  with pytest.raises(ConfigError, match="data.caption_len=30 exceeds model.converter.max_len=24"):
+    load_experiment(spec, ["data.caption_len=30"])
+  saved_before = load_experiment(spec).to_dict()  # a workdir's config from before the field existed still loads
+  del saved_before["data"]["caption_len"]
+  validate(ml_collections.ConfigDict(saved_before))

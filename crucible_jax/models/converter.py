@@ -2,8 +2,8 @@
 
 The text decoder writes a sample's caption (the batch's `caption`, byte tokens + EOS, which the data source renders)
 from any source modality's encoder tokens plus its shared embedding (CoCa style: causal self-attention,
-cross-attention to the source). The
-image decoder maps a shared embedding (any modality's `projections[m]` output) to an image of `model.image.size`.
+cross-attention to the source). The image decoder maps a shared embedding (any modality's `projections[m]` output)
+to an image of `model.image.size`.
 The model's `caption`/`imagine` heads call `converter_outputs`; `generate_caption`/`generate_image` are the
 `model.apply(..., method=...)` entry points of `crucible generate`.
 """

@@ -107,9 +107,11 @@ def _caption_term(modality: str, key: str, ctx: TermContext) -> TermFn:
 def _validate_caption(config: Any) -> None:
   """Captioning learns and scores the batch's `caption`: the data must render it, no longer than the decoder."""
   converter = config.model.get("converter") or {}
-  caption_len, max_len = config.data.get("caption_len", 0), converter.get("max_len", 0)
+  caption_len, max_len = config.data.get("caption_len"), converter.get("max_len", 0)
   if not converter.get("enabled", False):
     raise ValueError("captioning needs the converter's text decoder: model.converter.enabled=False")
+  if caption_len is None:  # a config saved before the field existed: loads (embed, export); its batches say the rest
+    return
   if not caption_len:
     raise ValueError("captioning learns and scores batch['caption'], which data.caption_len=0 leaves out")
   if caption_len > max_len:
