@@ -235,7 +235,7 @@ def _generate(args, config) -> int:
 def _prepare(args, config) -> int:
   import time
   from crucible_jax.data.digit_world import prepare_digit_world
-  from crucible_jax.data.pipeline import default_data_config
+  from crucible_jax.data.digit_world.config import default_data_config
   data_cfg = config.data if config is not None else default_data_config()
   if args.data_dir:
     data_cfg = data_cfg.copy_and_resolve_references()

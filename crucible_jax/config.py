@@ -211,9 +211,19 @@ def _term_modalities(config: ml_collections.ConfigDict, where: str, term: str) -
     needed = set(tasks.term_modalities(term))
   except ValueError as e:
     raise ConfigError(f"{where}: {e}") from None
+  _check_task(config, where, task)
+  return needed
+
+
+def _check_task(config: ml_collections.ConfigDict, where: str, task: tasks.Task) -> None:
+  """ConfigError when `task` is another source's or its own check (`Task.validate`) refuses the config."""
   if task.source is not None and task.source != config.data.name:
     raise ConfigError(f"{where}: task {task.name!r} belongs to data.name={task.source!r}, not {config.data.name!r}")
-  return needed
+  if task.validate is not None:
+    try:
+      task.validate(config)
+    except ValueError as e:
+      raise ConfigError(f"{where}: {e}") from None
 
 
 def _validate_accum_steps(config: ml_collections.ConfigDict, name: str) -> None:
@@ -277,9 +287,10 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"stages' lora.towers name {missing}, not in model.modalities {sorted(active)}")
   for name, evaluator in config.evals.items():
     try:
-      tasks.evaluator_factory(evaluator.get("kind", name))
+      task = tasks.evaluator_task(evaluator.get("kind", name))
     except ValueError as e:
       raise ConfigError(f"evals.{name}: {e}") from None
+    _check_task(config, f"evals.{name}", task)
     for pair in evaluator.get("pairs", ()):
       missing = set(pair) - active
       if missing:

@@ -71,7 +71,7 @@ def _folder(root: pathlib.Path, classes: Sequence[str] | None) -> tuple[list[str
 
 def _digit_world_batches(model: Any, split: str, batch: int) -> Iterator[dict[str, np.ndarray]]:
   """The real rows of every eval batch of `split`, rendered with the model's data config."""
-  from crucible_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from crucible_jax.data.digit_world import pipeline  # pylint: disable=g-import-not-at-top
   if model.config.data.name != "digit_world":
     raise ValueError(f"--data digit_world needs a model trained on DigitWorld; this one's data.name is "
                      f"{model.config.data.name!r}")

@@ -5,7 +5,7 @@
 
 import ml_collections
 
-from crucible_jax.data.pipeline import default_data_config
+from crucible_jax.data.digit_world.config import default_data_config
 from crucible_jax.models import default_model_config
 
 

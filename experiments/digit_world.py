@@ -9,7 +9,7 @@ encoders).
 
 import ml_collections
 
-from crucible_jax.data.pipeline import default_data_config
+from crucible_jax.data.digit_world.config import default_data_config
 from crucible_jax.models import default_model_config
 from crucible_jax.train.curriculum import default_curriculum_config
 from crucible_jax.train.stages import as_single_stage
@@ -121,6 +121,7 @@ def _make_generate(c: ml_collections.ConfigDict, tiny: bool) -> None:
   conv = c.model.converter
   conv.enabled = True
   conv.image_target = "reference"  # prompts fix the digits, not the hand: draw them in the reference hand
+  c.data.caption_len = conv.max_len  # each sample carries its canonical caption ("three seven one"), tokens
   c.stage_order = (*c.stage_order, "generate")
   c.stages.generate = dict(
       steps=30 if tiny else 600, lr=2e-3, warmup=5 if tiny else 50,  # steps, peak LR, warmup steps

@@ -72,14 +72,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _probe(trainer, params, probe_batches: int) -> dict[str, float]:
   """Linear probe of frozen pooled audio features: fit on train-split samples, score on the test split."""
-  from crucible_jax.data import pipeline as data_lib
+  from crucible_jax.data import registry
   from crucible_jax.eval import probe
 
   cfg, model = trainer.config, trainer.experiment.model
   batch = cfg.eval_batch_size
-  train = probe.extract_features(model, params, data_lib.make_eval_batches(cfg.data, "train", batch_size=batch),
+  train = probe.extract_features(model, params, registry.make_eval_batches(cfg.data, "train", batch_size=batch),
                                  "audio", max_batches=probe_batches)
-  test = probe.extract_features(model, params, data_lib.make_eval_batches(cfg.data, "test", batch_size=batch),
+  test = probe.extract_features(model, params, registry.make_eval_batches(cfg.data, "test", batch_size=batch),
                                 "audio")
   return probe.linear_probe(train, test)
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from crucible_jax import cli
 from crucible_jax.config import load_experiment
-from crucible_jax.data import benchmarks, pipeline, schema
+from crucible_jax.data import benchmarks, registry, schema
 from crucible_jax.data.tokenizers.byte import ByteTokenizer
 from crucible_jax.eval.evaluators import TaggingEvaluator, VqaEvaluator
 from crucible_jax.models import build_model
@@ -142,18 +142,18 @@ def test_default_root_comes_from_the_environment(monkeypatch):
 def test_train_and_eval_batches_follow_the_schema(name, roots):
   config = _tiny(name, roots[name])
   keys = schema.example_batch(config.data, 1)
-  train = pipeline.make_train_iterator(config.data, global_batch=8, seed=0, process_index=0, process_count=1)
+  train = registry.make_train_iterator(config.data, global_batch=8, seed=0, process_index=0, process_count=1)
   for batch in (next(train), next(train)):
     schema.check_batch(batch, required=tuple(keys))
     assert batch.keys() == keys.keys() and (batch["weight"] == 1).all()
     assert all(batch[k].shape[1:] == keys[k].shape[1:] for k in keys)
   split = EVAL_SPLIT.get(name, "test")
-  batches = list(pipeline.make_eval_batches(config.data, split, batch_size=8, process_index=0, process_count=1))
+  batches = list(registry.make_eval_batches(config.data, split, batch_size=8, process_index=0, process_count=1))
   for batch in batches:
     schema.check_batch(batch, required=tuple(keys))
   merged = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
   real = merged["weight"] > 0
-  assert real.sum() == REAL_EVAL[name] == pipeline.num_examples(config.data, split) and real[:real.sum()].all()
+  assert real.sum() == REAL_EVAL[name] == registry.num_examples(config.data, split) and real[:real.sum()].all()
   assert (merged["digits"] == -1).all() and not merged["image_present"][~real].any()
 
 
@@ -161,15 +161,15 @@ def test_train_shards_cover_an_epoch_once_and_resume_exactly(roots):
   data = _tiny("coco_retrieval", roots["coco_retrieval"]).data
   seen = []
   for process in range(2):  # 12 pairs, 2 processes × 4 per batch: the first 6 of each process are one epoch
-    iterator = pipeline.make_train_iterator(data, global_batch=8, seed=3, process_index=process, process_count=2)
+    iterator = registry.make_train_iterator(data, global_batch=8, seed=3, process_index=process, process_count=2)
     batches = [next(iterator), next(iterator)]
     seen += [(int(i), ByteTokenizer(1).decode(t)) for b in batches for i, t in zip(b["string_id"], b["text"])][:6]
   assert len(set(seen)) == 12 and {i for i, _ in seen} == set(range(100, 106))
-  iterator = pipeline.make_train_iterator(data, global_batch=8, seed=3, process_index=0, process_count=1)
+  iterator = registry.make_train_iterator(data, global_batch=8, seed=3, process_index=0, process_count=1)
   next(iterator)
   state = iterator.get_state()
   expected = [next(iterator) for _ in range(2)]
-  restored = pipeline.make_train_iterator(data, global_batch=8, seed=3, process_index=0, process_count=1)
+  restored = registry.make_train_iterator(data, global_batch=8, seed=3, process_index=0, process_count=1)
   restored.set_state(state)
   for batch, other in zip(expected, [next(restored) for _ in range(2)]):
     assert all(np.array_equal(batch[k], other[k]) for k in batch)
@@ -177,7 +177,7 @@ def test_train_shards_cover_an_epoch_once_and_resume_exactly(roots):
 
 def test_coco_eval_lists_each_image_once_and_each_caption_once(roots):
   config = _tiny("coco_retrieval", roots["coco_retrieval"])
-  batch = {k: np.concatenate([b[k] for b in pipeline.make_eval_batches(config.data, "test", batch_size=8,
+  batch = {k: np.concatenate([b[k] for b in registry.make_eval_batches(config.data, "test", batch_size=8,
                                                                          process_index=0, process_count=1)])
            for k in schema.BATCH_SCHEMA}
   images, captions = slice(0, 4), slice(4, 12)
@@ -191,12 +191,12 @@ def test_coco_eval_lists_each_image_once_and_each_caption_once(roots):
 
 def test_vqa_answers_and_audioset_labels(roots):
   vqa = _tiny("vqa_v2", roots["vqa_v2"]).data
-  batch = next(iter(pipeline.make_eval_batches(vqa, "val", batch_size=8, process_index=0, process_count=1)))
+  batch = next(iter(registry.make_eval_batches(vqa, "val", batch_size=8, process_index=0, process_count=1)))
   vocab = benchmarks.open_split(vqa, "train").source.answer_vocab
   assert batch["answers"].shape == (8, 10) and list(batch["answers"][0]) == [vocab.index("yes")] * 10
   assert list(batch["answers"][3]) == [vocab.index("yes")] * 7 + [benchmarks.OUT_OF_VOCAB] * 3
   audio = _tiny("audioset", roots["audioset"]).data
-  batch = next(iter(pipeline.make_eval_batches(audio, "test", batch_size=8, process_index=0, process_count=1)))
+  batch = next(iter(registry.make_eval_batches(audio, "test", batch_size=8, process_index=0, process_count=1)))
   np.testing.assert_array_equal(batch["labels"][:3], [[1, 0, 0], [0, 1, 0], [1, 0, 1]])
   assert batch["labels"].dtype == np.float32 and not batch["labels"][4:].any()
   with pytest.raises(ValueError, match="num_labels=527"):
@@ -207,7 +207,7 @@ def test_vqa_answers_and_audioset_labels(roots):
 def test_missing_directory_names_path_and_layout(name, tmp_path):
   config = _tiny(name, tmp_path / "absent")
   with pytest.raises(FileNotFoundError, match=r"(?s)absent.*Layout under `root`"):
-    pipeline.make_train_iterator(config.data, global_batch=8, seed=0, process_index=0, process_count=1)
+    registry.make_train_iterator(config.data, global_batch=8, seed=0, process_index=0, process_count=1)
 
 
 def test_cli_train_fails_fast_on_missing_data(tmp_path, monkeypatch, capsys):

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from crucible_jax import cli
-from crucible_jax.data import pipeline
+from crucible_jax.data import registry
 from crucible_jax.train import checkpoint
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -114,7 +114,7 @@ def test_eval_prints_the_trained_metrics_from_params_alone(trained, capsys, tmp_
   def refuse(*args, **kwargs):
     raise AssertionError("crucible eval must not build a train iterator or restore a train state")
 
-  monkeypatch.setattr(pipeline, "make_train_iterator", refuse)
+  monkeypatch.setattr(registry, "make_train_iterator", refuse)
   monkeypatch.setattr(checkpoint.Checkpointer, "restore", refuse)
   capsys.readouterr()
   assert cli.main(["eval", "--config", TINY, "--workdir", str(workdir), *SHORT]) == 0

@@ -10,13 +10,18 @@ import pytest
 
 from crucible_jax.common_types import MODALITIES
 from crucible_jax.config import load_experiment
+from crucible_jax.data import registry
 from crucible_jax.data.tokenizers import byte
+from crucible_jax.data.digit_world import targets as dw_targets
+from crucible_jax.data.digit_world import tasks as dw_tasks  # noqa: F401  (registers DigitWorld's imagine term)
 from crucible_jax.data.digit_world.recognizer import ImageGenerationEvaluator
 from crucible_jax.eval.generation import CaptionEvaluator
 from crucible_jax.models import ALL_HEADS, build_model, default_model_config, example_batch
 from crucible_jax.models import converter, decoding
 from crucible_jax.parallel import rules as rules_lib
 from crucible_jax.parallel.mesh import build_mesh
+from crucible_jax.tasks.generic import imagine_term
+from crucible_jax.tasks.registry import TermContext
 from crucible_jax.train import objectives
 
 DIGIT_WORLD = str(pathlib.Path(__file__).parent.parent / "experiments" / "digit_world.py")
@@ -24,17 +29,26 @@ DIGITS = np.array([[3, 7, 1, -1], [0, -1, -1, -1], [7, 3, 8, 8]], np.int32)
 NUM_DIGITS = np.array([3, 1, 4], np.int32)
 MAX_LEN = 24
 NEVER = -1  # an EOS id no decoder emits: decode every position
+CAPTIONS = np.stack([dw_targets.caption_target(d[d >= 0], dw_targets.caption_length(4)) for d in DIGITS])
 
 
-def test_caption_tokens_spell_the_digits():
-  inputs, targets, mask = converter.caption_tokens(jnp.asarray(DIGITS), jnp.asarray(NUM_DIGITS), MAX_LEN)
+def test_caption_targets_come_from_the_batch_and_spell_the_digits():
+  assert CAPTIONS.shape == (3, MAX_LEN) and CAPTIONS.dtype == np.int32
+  targets, mask = converter.caption_targets({"caption": jnp.asarray(CAPTIONS)}, MAX_LEN + 4)  # padded out
+  assert targets.shape == (3, MAX_LEN + 4) and not targets[:, MAX_LEN:].any()
+  inputs = converter.teacher_inputs(targets)
   for row, digits in enumerate(DIGITS):
-    text = converter.caption_text(digits)
+    text = dw_targets.caption_text(digits)
     assert byte.ByteTokenizer(1).decode(np.asarray(targets[row])) == text
     assert int(mask[row].sum()) == len(text) + 1  # + EOS
     assert int(inputs[row, 0]) == byte.BOS
     np.testing.assert_array_equal(inputs[row, 1:], targets[row, :-1])
-  assert converter.caption_text(DIGITS[2]) == "seven three eight eight"  # the longest caption fits max_len
+  assert dw_targets.caption_text(DIGITS[2]) == "seven three eight eight"  # the longest caption fills max_len
+  assert int(CAPTIONS[2, -1]) == byte.EOS
+  with pytest.raises(ValueError, match="data.caption_len"):
+    converter.caption_targets({"digits": jnp.asarray(DIGITS)}, MAX_LEN)
+  with pytest.raises(ValueError, match="max_len=16"):
+    converter.caption_targets({"caption": jnp.asarray(CAPTIONS)}, 16)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +129,7 @@ def tiny_model():
   cfg.converter.update(enabled=True, width=16, depth=1, heads=2, mlp=32, image_width=8, caption_sources=("image",))
   model = build_model(cfg)
   batch = example_batch(cfg, 3)
-  batch.update(digits=jnp.asarray(DIGITS), num_digits=jnp.asarray(NUM_DIGITS))
+  batch.update(digits=jnp.asarray(DIGITS), num_digits=jnp.asarray(NUM_DIGITS), caption=jnp.asarray(CAPTIONS))
   batch["image"] = jax.random.uniform(jax.random.key(1), batch["image"].shape)
   heads = converter.CONVERTER_HEADS
 
@@ -163,7 +177,7 @@ def test_converter_objective_terms(tiny_model):
   assert heads == ("caption", "imagine")
   loss, metrics = jax.jit(objective)(train_out, batch)
   assert np.isfinite(loss) and metrics["loss/caption/image"] > 1.0  # untrained: far from the targets
-  _, targets, _ = converter.caption_tokens(batch["digits"], batch["num_digits"], MAX_LEN)
+  targets = batch["caption"]
   perfect = dict(train_out, caption_logits={"image": 50.0 * jax.nn.one_hot(targets, byte.VOCAB_SIZE)},
                  images={"text": batch["image"]})
   _, metrics = jax.jit(objectives.build_objective({"caption/image": 1.0, "imagine/text": 1.0})[1])(perfect, batch)
@@ -175,14 +189,14 @@ def test_converter_objective_terms(tiny_model):
 
 def test_reference_images_draw_each_digit_in_its_box_and_leave_padding_blank():
   glyphs = np.random.default_rng(0).random((10, 4, 4)).astype(np.float32)
-  images = np.asarray(converter.reference_images(glyphs, jnp.array([[3, 7, -1], [0, 0, 9]]), width=16))
+  images = np.asarray(dw_targets.reference_images(glyphs, jnp.array([[3, 7, -1], [0, 0, 9]]), width=16))
   assert images.shape == (2, 4, 16, 1)
   np.testing.assert_array_equal(images[0, :, 0:4, 0], glyphs[3])
   np.testing.assert_array_equal(images[0, :, 4:8, 0], glyphs[7])
   np.testing.assert_array_equal(images[1, :, 8:12, 0], glyphs[9])
   assert not images[0, :, 8:].any() and not images[1, :, 12:].any()  # padding digits and spare width stay blank
   with pytest.raises(ValueError, match="do not fit"):
-    converter.reference_images(glyphs, jnp.zeros((1, 5), jnp.int32), width=16)
+    dw_targets.reference_images(glyphs, jnp.zeros((1, 5), jnp.int32), width=16)
 
 
 def test_reference_glyphs_are_one_distinct_centred_digit_per_class():
@@ -199,10 +213,12 @@ def test_reference_glyphs_are_one_distinct_centred_digit_per_class():
 def test_imagine_term_targets_the_reference_hand_when_given_glyphs(tiny_model):
   _, _, _, batch, train_out, _ = tiny_model
   glyphs = np.random.default_rng(1).random((10,) + (batch["image"].shape[1],) * 2).astype(np.float32)
-  reference = converter.reference_images(glyphs, batch["digits"], batch["image"].shape[2])
+  reference = dw_targets.reference_images(glyphs, batch["digits"], batch["image"].shape[2])
   objective = objectives.build_objective({"imagine/text": 1.0}, reference_glyphs=glyphs)[1]
   drawn = lambda images: objective(dict(train_out, images={"text": images}), batch)[1]["loss/imagine/text"]
   assert drawn(reference) == 0.0 and drawn(batch["image"]) > 0.01  # the sample's own image is no longer the target
+  with pytest.raises(ValueError, match="generic imagine task draws none"):  # glyphs need the source's imagine term
+    imagine_term("text", "imagine/text", TermContext(reference_glyphs=glyphs))
   bad = load_experiment(f"{DIGIT_WORLD}:tiny,generate")
   bad.model.converter.image_target = "pixels"
   with pytest.raises(ValueError, match="image_target='pixels'"):
@@ -232,7 +248,7 @@ def test_caption_evaluator_accuracy_and_wer():
   ids = np.stack([byte.ByteTokenizer(MAX_LEN).encode("three seven one", add_eos=True),
                   byte.ByteTokenizer(MAX_LEN).encode("zero zero", add_eos=True),
                   byte.ByteTokenizer(MAX_LEN).encode("seven three eight eight", add_eos=True)])
-  evaluator.update({"caption_ids": {"image": ids}}, {"digits": DIGITS, "num_digits": NUM_DIGITS,
+  evaluator.update({"caption_ids": {"image": ids}}, {"caption": CAPTIONS, "digits": DIGITS,
                                                       "weight": np.ones(3, np.float32)})
   result = evaluator.result()
   assert result["caption_from_image/accuracy"] == pytest.approx(2 / 3)
@@ -244,8 +260,7 @@ def test_image_generation_evaluator_reads_real_images_like_the_recogniser(tmp_pa
   evaluator = ImageGenerationEvaluator(sources=("text",), recognizer_steps=3, recognizer_examples=64, grid_rows=2)
   evaluator.attach(workdir=tmp_path, data=config.data, split="val")
   assert (tmp_path / "recognizer" / "params.msgpack").exists()
-  from crucible_jax.data import pipeline
-  batch = next(iter(pipeline.make_eval_batches(config.data, "val", batch_size=16)))
+  batch = next(iter(registry.make_eval_batches(config.data, "val", batch_size=16)))
   evaluator.update({"images": {"text": batch["image"]}}, batch)  # "generated" = the real images
   result = evaluator.result()
   assert result["image_from_text/accuracy"] == result["image_generation/recognizer_real_accuracy"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from crucible_jax.config import load_experiment
-from crucible_jax.data import pipeline
+from crucible_jax.data import registry
 from crucible_jax.train import curriculum
 
 IMBALANCE = str(pathlib.Path(__file__).parent.parent / "experiments" / "digit_world_imbalance.py")
@@ -43,7 +43,7 @@ def config():
 
 
 def _iterator(config):
-  return pipeline.make_train_iterator(config.data, global_batch=BATCH, seed=config.seed,
+  return registry.make_train_iterator(config.data, global_batch=BATCH, seed=config.seed,
                                       sample_hook=curriculum.sample_hook(config))
 
 
@@ -60,7 +60,7 @@ def test_pipeline_weights_are_the_curriculum_and_reproducible(config):
     np.testing.assert_array_equal(weight, weight2)
     np.testing.assert_array_equal(weight, [curriculum.sample_weight(int(n), step, spec) for n in digits])
   assert any(np.any(w < 1) for _, w, _ in first[:2]) and all(np.all(w == 1) for _, w, _ in first[6:])
-  plain = pipeline.make_train_iterator(config.data, global_batch=BATCH, seed=config.seed)
+  plain = registry.make_train_iterator(config.data, global_batch=BATCH, seed=config.seed)
   assert all(np.all(w == 1) for _, w, _ in _weights(plain, 2))
 
 

@@ -9,9 +9,9 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from crucible_jax.data import audio as audio_lib
-from crucible_jax.data import pipeline
+from crucible_jax.data.digit_world import builder, draw, pipeline, render, templates
+from crucible_jax.data.digit_world.config import default_data_config
 from crucible_jax.data.tokenizers import byte
-from crucible_jax.data.digit_world import builder, draw, render, templates
 from crucible_jax.data.schema import BATCH_SCHEMA
 from crucible_jax.common_types import MODALITIES
 
@@ -19,7 +19,7 @@ SIZES = dict(train_size=300, val_size=60, test_size=60, heldout_size=60)
 
 
 def _config(data_dir, **overrides):
-  cfg = pipeline.default_data_config()
+  cfg = default_data_config()
   cfg.data_dir = str(data_dir)
   cfg.update(SIZES)
   cfg.update(overrides)

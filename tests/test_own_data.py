@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from crucible_jax import cli
-from crucible_jax.data import pipeline
+from crucible_jax.data import registry
 from crucible_jax.data.formats.common import BadRecord
 from crucible_jax.data.own import preprocess, records
 from crucible_jax.data.own.config import detect_modalities, own_data_config
@@ -125,7 +125,7 @@ def test_skip_policy_counts_logs_and_goes_on(small, caplog):
   assert ByteTokenizer(48).decode(source[1]["text"]) == "a good one"  # line 6 is undecodable: line 7 stands in
   assert source.stats["skipped"]["corrupt_image"] == 1
   assert "line 6" in caplog.text and "corrupt_image" in caplog.text
-  stats = pipeline.record_stats(cfg)
+  stats = registry.record_stats(cfg)
   assert stats["data/test/skipped_records"] >= 4
 
 
@@ -156,27 +156,27 @@ def test_bad_shard_member_names_shard_and_key(small):
 
 def test_train_iterator_resumes_exactly_with_augmentation(own_collection):
   cfg = _data(manifest=own_collection["manifest"])
-  iterator = pipeline.make_train_iterator(cfg, global_batch=8, seed=3)
+  iterator = registry.make_train_iterator(cfg, global_batch=8, seed=3)
   for _ in range(3):
     next(iterator)
   state = iterator.get_state()
   expected = [next(iterator) for _ in range(2)]
-  resumed = pipeline.make_train_iterator(cfg, global_batch=8, seed=3)
+  resumed = registry.make_train_iterator(cfg, global_batch=8, seed=3)
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
     assert set(got) == set(want)
     for key in want:
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  first_epoch = pipeline.make_train_iterator(cfg, global_batch=8, seed=3)
+  first_epoch = registry.make_train_iterator(cfg, global_batch=8, seed=3)
   batch = next(first_epoch)
   assert batch["image"].shape == (8, 16, 16, 1) and batch["weight"].min() == 1.0
 
 
 def test_processes_read_disjoint_halves_of_the_global_batch(own_collection):
   cfg = _data(manifest=own_collection["manifest"])
-  whole = next(pipeline.make_train_iterator(cfg, global_batch=8, seed=1, process_index=0, process_count=1))
-  halves = [next(pipeline.make_train_iterator(cfg, global_batch=8, seed=1, process_index=p, process_count=2))
+  whole = next(registry.make_train_iterator(cfg, global_batch=8, seed=1, process_index=0, process_count=1))
+  halves = [next(registry.make_train_iterator(cfg, global_batch=8, seed=1, process_index=p, process_count=2))
             for p in (0, 1)]
   assert sorted(np.concatenate([h["string_id"] for h in halves])) == sorted(whole["string_id"])
   assert set(halves[0]["string_id"]).isdisjoint(halves[1]["string_id"])
@@ -184,8 +184,8 @@ def test_processes_read_disjoint_halves_of_the_global_batch(own_collection):
 
 def test_eval_batches_cover_the_split_once_with_padding(own_collection):
   cfg = _data(manifest=own_collection["manifest"])
-  n = pipeline.num_examples(cfg, "test")
-  batches = list(pipeline.make_eval_batches(cfg, "test", batch_size=16))
+  n = registry.num_examples(cfg, "test")
+  batches = list(registry.make_eval_batches(cfg, "test", batch_size=16))
   assert len(batches) == math.ceil(n / 16)
   weights = np.concatenate([b["weight"] for b in batches])
   assert weights.sum() == n and sorted(np.concatenate([b["string_id"] for b in batches])[weights > 0]) == list(range(n))

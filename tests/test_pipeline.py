@@ -6,8 +6,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from crucible_jax.common_types import MODALITIES
-from crucible_jax.data import pipeline
-from crucible_jax.data.digit_world import builder, render
+from crucible_jax.data import loader, registry
+from crucible_jax.data.tokenizers import byte
+from crucible_jax.data.digit_world import builder, pipeline, render, templates
+from crucible_jax.data.digit_world.config import default_data_config
 from crucible_jax.data.schema import BATCH_SCHEMA, check_batch
 
 SIZES = dict(train_size=300, val_size=60, test_size=60, heldout_size=60)
@@ -15,7 +17,7 @@ SIZES = dict(train_size=300, val_size=60, test_size=60, heldout_size=60)
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-  cfg = pipeline.default_data_config()
+  cfg = default_data_config()
   cfg.data_dir = str(tmp_path_factory.mktemp("pipeline"))
   cfg.update(SIZES)
   builder.prepare_digit_world(cfg)
@@ -35,7 +37,7 @@ def _assert_same(batches, others):
 
 
 def test_config_has_the_documented_layout():
-  cfg = pipeline.default_data_config()
+  cfg = default_data_config()
   assert cfg.data_dir is None and cfg.image_size == (16, 64) and cfg.audio_seconds == 4.0
   assert (cfg.train_size, cfg.val_size, cfg.test_size, cfg.heldout_size) == (20000, 2000, 2000, 2000)
   assert set(cfg.drop_modalities) == set(MODALITIES)
@@ -106,6 +108,24 @@ def test_eval_batches_cover_every_sample_once(cfg):
   _assert_same(again, batches)
 
 
+def test_caption_targets_are_rendered_on_request_and_read_through_the_registry(cfg):
+  """`data.caption_len` adds each sample's canonical caption (the converter's target); padding rows are empty."""
+  assert "caption" not in next(iter(pipeline.make_eval_batches(cfg, "val", batch_size=16)))
+  captioned = cfg.copy_and_resolve_references()
+  captioned.caption_len = 24
+  batches = list(registry.make_eval_batches(captioned, "val", batch_size=16, process_index=0, process_count=1))
+  check_batch(batches[-1], required=("caption",))
+  merged = {k: np.concatenate([b[k] for b in batches]) for k in ("caption", "digits")}
+  for row in (0, 59):
+    text = " ".join(templates.ENGLISH_WORDS[d] for d in merged["digits"][row] if d >= 0)
+    assert byte.ByteTokenizer(1).decode(merged["caption"][row]) == text
+    assert merged["caption"][row, len(text)] == byte.EOS and not merged["caption"][row, len(text) + 1:].any()
+  assert not merged["caption"][60:].any()
+  captioned.caption_len = 23  # shorter than a 4-digit caption
+  with pytest.raises(ValueError, match="data.caption_len=23"):
+    registry.validate(captioned)
+
+
 def test_eval_batches_split_across_processes(cfg):
   whole = list(pipeline.make_eval_batches(cfg, "test", batch_size=16, process_index=0, process_count=1))
   parts = [list(pipeline.make_eval_batches(cfg, "test", batch_size=16, process_index=p, process_count=2))
@@ -155,7 +175,7 @@ def test_to_global_batch_shards_the_batch_axis(cfg):
   mesh = jax.make_mesh((8,), ("data",))
   sharding = NamedSharding(mesh, PartitionSpec("data"))
   local = next(pipeline.make_train_iterator(cfg, global_batch=16, seed=0, process_index=0, process_count=1))
-  arrays = pipeline.to_global_batch(local, sharding)
+  arrays = loader.to_global_batch(local, sharding)
   assert arrays.keys() == local.keys()
   for key, array in arrays.items():
     assert array.shape == local[key].shape and array.sharding == sharding

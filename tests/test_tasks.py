@@ -3,6 +3,7 @@ generic core (models, train, eval)."""
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import ml_collections
 import pytest
 
 from crucible_jax import tasks
-from crucible_jax.config import ConfigError, load_experiment
+from crucible_jax.config import ConfigError, load_experiment, validate
 from crucible_jax.models.crucible import ALL_HEADS
 from crucible_jax.train import objectives
 
@@ -19,6 +20,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 PACKAGE = ROOT / "crucible_jax"
 DIGIT_WORLD = "crucible_jax.data.digit_world"
 GENERIC = ("models", "train", "eval", "tasks")
+GENERIC_DATA = ("loader", "registry", "verify", "schema", "benchmarks")  # data modules every source shares
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -33,19 +35,41 @@ def _imports(path: pathlib.Path) -> set[str]:
   return found
 
 
+def _generic_files() -> list[pathlib.Path]:
+  return ([path for package in GENERIC for path in sorted((PACKAGE / package).rglob("*.py"))]
+          + [PACKAGE / "data" / f"{name}.py" for name in GENERIC_DATA] + [PACKAGE / "inference.py"])
+
+
 def test_no_generic_module_imports_digit_world():
   offenders = {str(path.relative_to(ROOT)): sorted(m for m in _imports(path) if m.startswith(DIGIT_WORLD))
-               for package in GENERIC for path in sorted((PACKAGE / package).rglob("*.py"))}
+               for path in _generic_files()}
   assert {path: mods for path, mods in offenders.items() if mods} == {}
-  assert _imports(PACKAGE / "data" / "registry.py") & {DIGIT_WORLD + ".validation"}  # the scan sees real imports
+  assert _imports(PACKAGE / "data" / "digit_world" / "pipeline.py") & {DIGIT_WORLD + ".validation"}  # scan works
+
+
+def test_no_module_imports_another_modules_private_names():
+  offenders = []
+  for path in sorted(PACKAGE.rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("crucible_jax"):
+        offenders += [f"{path.relative_to(ROOT)}: {node.module}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+  assert offenders == []
+
+
+def test_no_generic_module_mentions_digit_words():
+  words = re.compile(r"\b(DIGIT_WORDS|WORD_SLOT|caption_text|seven|eight)\b")
+  mentions = {str(path.relative_to(ROOT)): words.findall(path.read_text()) for path in _generic_files()}
+  assert {path: found for path, found in mentions.items() if found} == {}
 
 
 def test_importing_the_generic_core_loads_no_digit_world_module():
   code = ("import sys, crucible_jax.models, crucible_jax.tasks, crucible_jax.train.objectives, "
-          "crucible_jax.eval.evaluators; print(sorted(m for m in sys.modules if m.startswith('crucible_jax.data.')))")
+          "crucible_jax.eval.evaluators, crucible_jax.train.loop, crucible_jax.train.evaluate, crucible_jax.inference; "
+          "print(sorted(m for m in sys.modules if m.startswith('crucible_jax.data.')))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
   assert DIGIT_WORLD not in out, out
-  assert "crucible_jax.data.tokenizers" in out  # the probe lists what it loaded
+  assert "crucible_jax.data.tokenizers" in out and "crucible_jax.data.loader" in out  # the probe lists what it loaded
 
 
 def test_every_task_names_a_model_head_and_evaluator_kinds_are_unique():
@@ -105,3 +129,15 @@ def test_a_digit_world_task_on_another_source_is_a_config_error():
   load_experiment(f"{ROOT / 'experiments' / 'digit_world.py'}:tiny")  # DigitWorld's tasks are registered now
   with pytest.raises(ConfigError, match="objective.fused: task 'fused' belongs to data.name='digit_world'"):
     load_experiment(str(ROOT / "experiments" / "audioset.py"), ["stages.joint.objective={'fused': 1.0}"])
+
+
+def test_the_caption_task_checks_its_batch_targets_at_config_load():
+  """Captioning reads batch['caption']: data.caption_len must give it, no longer than the decoder's max_len."""
+  spec = f"{ROOT / 'experiments' / 'digit_world.py'}:tiny,generate"
+  with pytest.raises(ConfigError, match="caption/.*data.caption_len=0 leaves out"):
+    load_experiment(spec, ["data.caption_len=0"])
+  with pytest.raises(ConfigError, match="data.caption_len=30 exceeds model.converter.max_len=24"):
+    load_experiment(spec, ["data.caption_len=30"])
+  saved_before = load_experiment(spec).to_dict()  # a workdir's config from before the field existed still loads
+  del saved_before["data"]["caption_len"]
+  validate(ml_collections.ConfigDict(saved_before))

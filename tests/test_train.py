@@ -168,7 +168,7 @@ def test_non_finite_loss_skip_policy_counts_skips_and_diverged_params_fail_evalu
 
 def test_inference_loads_the_final_params_without_the_trainer_and_embeds_like_the_model(uninterrupted, tmp_path):
   from crucible_jax import inference
-  from crucible_jax.data.pipeline import make_eval_batches
+  from crucible_jax.data.registry import make_eval_batches
   workdir, straight, _ = uninterrupted
   before = sorted(p.name for p in workdir.iterdir())
   loaded = inference.load(workdir)

@@ -5,8 +5,8 @@ import types
 import numpy as np
 import pytest
 
-from crucible_jax.data import pipeline
-from crucible_jax.data.digit_world import builder, draw, render, voices
+from crucible_jax.data.digit_world import builder, draw, pipeline, render, voices
+from crucible_jax.data.digit_world.config import default_data_config
 
 COUNT = 3
 SIZES = dict(train_size=200, val_size=40, test_size=40, heldout_size=40)
@@ -14,7 +14,7 @@ SIZES = dict(train_size=200, val_size=40, test_size=40, heldout_size=40)
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
-  cfg = pipeline.default_data_config()
+  cfg = default_data_config()
   cfg.data_dir = str(tmp_path_factory.mktemp("digit_world_voices"))
   cfg.update(SIZES, synthetic_voices=COUNT, synthetic_share=0.5)
   builder.prepare_digit_world(cfg)
@@ -74,13 +74,13 @@ def test_synthetic_speech_renders_within_the_real_speech_bounds(cfg):
 
 
 def test_the_voices_change_the_dataset_name_and_bad_settings_are_named(cfg):
-  real_only = pipeline.default_data_config()
+  real_only = default_data_config()
   real_only.update(SIZES)
   assert builder.builder_config_of(cfg).name != builder.builder_config_of(real_only).name
   for overrides, message in ((dict(synthetic_voices=-2), "synthetic_voices=-2"),
                              (dict(synthetic_voices=0, synthetic_share=0.5), "needs data.synthetic_voices"),
                              (dict(synthetic_share=1.5), "synthetic_share=1.5")):
-    bad = pipeline.default_data_config()
+    bad = default_data_config()
     bad.update(SIZES, synthetic_voices=COUNT)
     bad.update(overrides)
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from crucible_jax import inference
 from crucible_jax.cli import main
-from crucible_jax.data import pipeline
+from crucible_jax.data import registry
 from crucible_jax.data.digit_world import zero_shot as tasks
 from crucible_jax.data.tokenizers import tokenizer_of
 from crucible_jax.eval import zero_shot
@@ -83,7 +83,7 @@ def test_zeroshot_digit_world_equals_a_hand_computed_classifier(model_dir, tmp_p
                "--modalities", "image", "audio", "--json", str(out)]) == 0
   got = json.loads(out.read_text())
   model = inference.load(model_dir)
-  batches = list(pipeline.make_eval_batches(model.config.data, "test", batch_size=64))
+  batches = list(registry.make_eval_batches(model.config.data, "test", batch_size=64))
   real = np.concatenate([b["weight"] > 0 for b in batches])
   strings = [tuple(int(d) for d in row[:n]) for b in batches for row, n in zip(b["digits"], b["num_digits"])]
   strings = [s for s, r in zip(strings, real) if r]

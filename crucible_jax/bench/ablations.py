@@ -28,7 +28,7 @@ CLAIMS = {  # variant -> (what changes against `full`, claimed change in %)
 def train_one(variant: str, workdir: pathlib.Path, overrides: Sequence[str]) -> dict[str, Any]:
   """Train one ablation (resuming from `workdir`), with a val fused-accuracy curve; test metrics and FLOPs."""
   from crucible_jax.train.loop import Trainer
-  from crucible_jax.data import pipeline as data_lib
+  from crucible_jax.data import loader, registry
   from crucible_jax.train.evaluate import evaluate_split
   config = load_experiment(f"{EXPERIMENT}:{variant}", list(overrides))
   trainer = Trainer(config, workdir)
@@ -41,9 +41,9 @@ def train_one(variant: str, workdir: pathlib.Path, overrides: Sequence[str]) -> 
       return  # the fused head is trained only in the last stage; earlier it is untrained noise
     if curve and info.global_step <= curve[-1][0]:
       return  # already measured before the resume
-    batches = data_lib.make_eval_batches(config.data, "val", batch_size=config.eval_batch_size)
+    batches = registry.make_eval_batches(config.data, "val", batch_size=config.eval_batch_size)
     scores = evaluate_split(fused_step, info.state.params, batches, build_evaluators({"fused": {}}),
-                            lambda b: data_lib.to_global_batch(b, trainer.experiment.batch_sharding))
+                            lambda b: loader.to_global_batch(b, trainer.experiment.batch_sharding))
     curve.append((info.global_step, scores["fused/accuracy"]))
     curve_file.write_text(json.dumps(curve))
 

@@ -170,15 +170,15 @@ def compile_method(config: ml_collections.ConfigDict, method: str, steps: int = 
 
 def train_losses(parts: dict[str, Any], steps: int) -> list[float]:
   """Loss of every step of a short run of the compiled step on DigitWorld (fixed data order and seeds)."""
-  from crucible_jax.data import pipeline as data_lib  # deferred: the data stack is only needed to train
+  from crucible_jax.data import loader, registry  # deferred: the data stack is only needed to train
   experiment, config = parts["experiment"], parts["experiment"].config
   state = experiment.new_state(parts["make"], parts["shardings"],
                                experiment.init_params(jax.random.key(config.seed)))
-  iterator = data_lib.make_train_iterator(config.data, global_batch=config.batch_size, seed=config.seed)
+  iterator = registry.make_train_iterator(config.data, global_batch=config.batch_size, seed=config.seed)
   rng, losses = jax.random.key(config.seed), []
   with jax.set_mesh(experiment.mesh):
     for i in range(steps):
-      batch = data_lib.to_global_batch(next(iterator), experiment.batch_sharding)
+      batch = loader.to_global_batch(next(iterator), experiment.batch_sharding)
       state, metrics = parts["compiled"](state, batch, jax.random.fold_in(rng, i))
       losses.append(metrics["loss"])
   return [float(x) for x in jax.device_get(losses)]

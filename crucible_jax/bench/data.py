@@ -26,12 +26,12 @@ def pipeline_rate(config: ml_collections.ConfigDict, num_workers: int, *, batche
   timed window sees the steady state; buffers refilled during it can inflate the rate by at most
   (workers × prefetch_buffer) / batches.
   """
-  from crucible_jax.data import pipeline as data_lib  # deferred: grain/tfds only when the data is benchmarked
+  from crucible_jax.data import registry  # deferred: grain/tfds only when the data is benchmarked
 
   data_cfg = config.data.copy_and_resolve_references()
   data_cfg.num_workers = num_workers
   start = time.perf_counter()
-  iterator = data_lib.make_train_iterator(data_cfg, global_batch=config.batch_size, seed=config.seed)
+  iterator = registry.make_train_iterator(data_cfg, global_batch=config.batch_size, seed=config.seed)
   try:
     warmup = max(1, num_workers) * int(data_cfg.prefetch_buffer) + 1
     for _ in range(warmup):

@@ -18,7 +18,7 @@ import numpy as np
 
 from crucible_jax.bench.common import compiled_flops, device_info, time_call
 from crucible_jax.common_types import MODALITIES, present_key
-from crucible_jax.data import pipeline as data_lib
+from crucible_jax.data import loader, registry
 from crucible_jax.tasks import build_evaluators
 from crucible_jax.models.router import budget_fractions
 from crucible_jax.train.evaluate import evaluate_split
@@ -116,10 +116,10 @@ def evaluate_joint(exp: Experiment, eval_step: Any, params: Any, data_cfg: ml_co
                    batch_size: int) -> dict[str, float]:
   """The joint evaluators plus RoutingUsage over a whole split (scores keyed `task/metric`, `usage/...`)."""
   evaluators = {**build_evaluators(dict(exp.config.evals)), "usage": RoutingUsage(tuple(exp.config.model.modalities))}
-  batches = data_lib.make_eval_batches(data_cfg, split, batch_size=batch_size)
+  batches = registry.make_eval_batches(data_cfg, split, batch_size=batch_size)
   with jax.set_mesh(exp.mesh):
     return evaluate_split(eval_step, params, batches, evaluators,
-                          lambda b: data_lib.to_global_batch(b, exp.batch_sharding))
+                          lambda b: loader.to_global_batch(b, exp.batch_sharding))
 
 
 def program_flops(exp: Experiment, params: Any, eval_batch: int) -> tuple[float, float, Any]:
@@ -146,8 +146,8 @@ def measure_budget(config: ml_collections.ConfigDict, budget: dict[str, float] |
   pairs = [tuple(p) for p in exp.config.evals.retrieval.pairs]
   for variant, params in trained.items():
     data_cfg = variant_config(config, variant, budget).data
-    real = next(iter(data_lib.make_eval_batches(data_cfg, s["split"], batch_size=eval_batch)))
-    real = data_lib.to_global_batch(real, exp.batch_sharding)
+    real = next(iter(registry.make_eval_batches(data_cfg, s["split"], batch_size=eval_batch)))
+    real = loader.to_global_batch(real, exp.batch_sharding)
     with jax.set_mesh(exp.mesh):
       wall = time_call(lambda: forward(params, real), iters=int(s["timing_iters"]))
     # The compiled forward is the eval step's program: reuse it for the whole split.

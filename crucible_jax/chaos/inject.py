@@ -41,8 +41,8 @@ def _enospc_at(step: int) -> None:
 
 
 def _nan_batch_at(step: int) -> None:
-  from crucible_jax.data import pipeline
-  original, calls = pipeline.to_global_batch, [0]
+  from crucible_jax.data import loader
+  original, calls = loader.to_global_batch, [0]
 
   def to_global_batch(local_batch, sharding):
     calls[0] += 1  # the trainer assembles one batch per step, in order, before any evaluation batch
@@ -52,7 +52,7 @@ def _nan_batch_at(step: int) -> None:
       print(f"crucible: injected: NaN input batch at global step {step}", file=sys.stderr, flush=True)
     return original(local_batch, sharding)
 
-  pipeline.to_global_batch = to_global_batch
+  loader.to_global_batch = to_global_batch
 
 
 def _inf_grad_at(step: int, seed: int) -> None:

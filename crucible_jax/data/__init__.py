@@ -1,14 +1,14 @@
-"""Data: the batch schema, DigitWorld, the grain pipeline and format loaders (grain/tfds import lazily)."""
+"""Data: the batch schema, the source registry, the generic loader, DigitWorld and format loaders (all lazily)."""
 
 import importlib
 from typing import Any
 
 _LAZY = {
-    "default_data_config": "crucible_jax.data.pipeline",
-    "make_train_iterator": "crucible_jax.data.pipeline",
-    "make_eval_batches": "crucible_jax.data.pipeline",
-    "num_examples": "crucible_jax.data.pipeline",
-    "to_global_batch": "crucible_jax.data.pipeline",
+    "default_data_config": "crucible_jax.data.digit_world.config",
+    "make_train_iterator": "crucible_jax.data.registry",
+    "make_eval_batches": "crucible_jax.data.registry",
+    "num_examples": "crucible_jax.data.registry",
+    "to_global_batch": "crucible_jax.data.loader",
     "prepare_digit_world": "crucible_jax.data.digit_world",
     "digit_world_source": "crucible_jax.data.digit_world",
 }

@@ -4,17 +4,16 @@ source (a `formats` loader) → shuffle → repeat → per-process shard → com
 Completion (`complete`) fills what a source lacks — absent modalities with zeros (`formats.fill_absent`), digits
 with -1, `weight` with 1 — so every benchmark yields exactly the keys and shapes of `schema.example_batch(data_cfg)`,
 the same batch the compiled train step was built for. Eval batches cover every sample once, in order, and pad the
-last batch with weight-0 samples, like DigitWorld's. `pipeline.make_train_iterator`/`make_eval_batches` dispatch
-here for the benchmarks' names (data/registry.py); `train_batches`/`eval_batches` serve any random-access source
-(own data too). Experiment files import `benchmark_data_config` only, so the loaders,
-PIL and grain load lazily, where data is read (`crucible bench step` runs without the data stack).
+last batch with weight-0 samples, like DigitWorld's. `registry.make_train_iterator`/`make_eval_batches` dispatch
+here for the benchmarks' names; the batching itself is `loader.train_batches`/`eval_batches` (own data's too).
+Experiment files import `benchmark_data_config` only, so the loaders, PIL and grain load lazily, where data is read
+(`crucible bench step` runs without the data stack).
 """
 
 import dataclasses
 import functools
 import importlib
 import inspect
-import math
 import os
 from typing import Any, Callable, Iterator
 
@@ -214,45 +213,23 @@ def complete(sample: dict[str, np.ndarray], *, blank: dict[str, np.ndarray], ben
   return out
 
 
+def completer(data_cfg: ml_collections.ConfigDict) -> Callable[[dict], dict[str, np.ndarray]]:
+  """`complete` bound to the data config's blank sample: what `loader.train_batches`/`eval_batches` map with."""
+  return functools.partial(complete, blank=blank_sample(data_cfg), benchmark=data_cfg.name)
+
+
 def make_train_iterator(
     data_cfg: ml_collections.ConfigDict, *, global_batch: int, seed: int, process_index: int | None = None,
     process_count: int | None = None, sample_hook: Callable[[int, dict], dict] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Endless iterator of this process's batches of `data.splits.train`, reshuffled every epoch.
 
-  `sample_hook(step, sample) -> sample` as in `pipeline.make_train_iterator` (pure and picklable).
+  `sample_hook(step, sample) -> sample` as in `registry.make_train_iterator` (pure and picklable).
   """
-  return train_batches(open_split(data_cfg, "train"), data_cfg, global_batch=global_batch, seed=seed,
-                       process_index=process_index, process_count=process_count, sample_hook=sample_hook)
-
-
-def _train_element(position: int, record: int, *, source: Any, seed: int) -> dict[str, np.ndarray]:
-  """Record `record` at `position` of the repeated stream; a source with `train_sample` augments it with an rng
-  of (seed, position) alone, so the iterator state resumes the augmentation exactly."""
-  augment = getattr(source, "train_sample", None)
-  return source[record] if augment is None else augment(record, np.random.default_rng([seed, position]))
-
-
-def train_batches(
-    source: Any, data_cfg: ml_collections.ConfigDict, *, global_batch: int, seed: int,
-    process_index: int | None = None, process_count: int | None = None,
-    sample_hook: Callable[[int, dict], dict] | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-  """Endless iterator of this process's batches of a random-access `source`, completed to the data config's batch."""
-  import grain  # pylint: disable=g-import-not-at-top
-  from crucible_jax.data.pipeline import (  # pylint: disable=g-import-not-at-top
-      _at_step, _local_batch, _maybe_mp_prefetch, _process_layout, _read_options)
-  process_index, process_count = _process_layout(process_index, process_count)
-  local_batch = _local_batch(global_batch, process_count)
-  # Shuffling record indices gives the same order as shuffling the source.
-  dataset = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
-  dataset = dataset.map_with_index(functools.partial(_train_element, source=source, seed=seed))
-  dataset = dataset[process_index::process_count].map(
-      functools.partial(complete, blank=blank_sample(data_cfg), benchmark=data_cfg.name))
-  if sample_hook is not None:
-    dataset = dataset.map_with_index(functools.partial(_at_step, hook=sample_hook, local_batch=local_batch))
-  dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
-  return iter(_maybe_mp_prefetch(dataset, data_cfg))
+  from crucible_jax.data import loader  # pylint: disable=g-import-not-at-top  (grain: only where data is read)
+  return loader.train_batches(open_split(data_cfg, "train"), data_cfg, complete=completer(data_cfg),
+                              global_batch=global_batch, seed=seed, process_index=process_index,
+                              process_count=process_count, sample_hook=sample_hook)
 
 
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
@@ -260,38 +237,19 @@ def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   return len(open_split(data_cfg, split, view=True))
 
 
-def _eval_element(position: int, *, source: Any, blank: dict[str, np.ndarray], benchmark: str, global_batch: int,
-                  local_batch: int, process_index: int) -> dict[str, np.ndarray]:
-  """Sample for slot `position` of this process: its slice of each global batch, past the end = padding."""
-  batch, offset = divmod(position, local_batch)
-  index = batch * global_batch + process_index * local_batch + offset
-  if index >= len(source):
-    return dict(blank)
-  return complete(source[index], blank=blank, benchmark=benchmark)
-
-
 def make_eval_batches(
     data_cfg: ml_collections.ConfigDict, split: str, *, batch_size: int, process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Every sample of `split` once, in order, in global batches of `batch_size` (this process gets its slice)."""
-  return eval_batches(open_split(data_cfg, split, view=True), data_cfg, batch_size=batch_size,
-                      process_index=process_index, process_count=process_count)
+  from crucible_jax.data import loader  # pylint: disable=g-import-not-at-top  (grain: only where data is read)
+  return loader.eval_batches(open_split(data_cfg, split, view=True), data_cfg, complete=completer(data_cfg),
+                             padding=blank_sample(data_cfg), batch_size=batch_size, process_index=process_index,
+                             process_count=process_count)
 
 
-def eval_batches(
-    source: Any, data_cfg: ml_collections.ConfigDict, *, batch_size: int, process_index: int | None = None,
-    process_count: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-  """Every sample of a random-access `source` once, in order, in global batches padded with weight-0 samples."""
-  import grain  # pylint: disable=g-import-not-at-top
-  from crucible_jax.data.pipeline import (  # pylint: disable=g-import-not-at-top
-      _local_batch, _maybe_mp_prefetch, _process_layout, _read_options)
-  process_index, process_count = _process_layout(process_index, process_count)
-  local_batch = _local_batch(batch_size, process_count)
-  num_batches = math.ceil(len(source) / batch_size)
-  dataset = grain.MapDataset.range(num_batches * local_batch).map(functools.partial(
-      _eval_element, source=source, blank=blank_sample(data_cfg), benchmark=data_cfg.name,
-      global_batch=batch_size, local_batch=local_batch, process_index=process_index))
-  dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
-  return iter(_maybe_mp_prefetch(dataset, data_cfg))
+def validate_benchmark_config(data_cfg: ml_collections.ConfigDict) -> None:
+  """The config-load check of a benchmark's data config (reads no records)."""
+  if "root" not in data_cfg or "splits" not in data_cfg:
+    raise ValueError(f"data.name={data_cfg.name!r} is a benchmark: build the data config with "
+                     "benchmarks.benchmark_data_config (it needs data.root and data.splits)")

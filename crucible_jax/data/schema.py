@@ -31,7 +31,7 @@ BATCH_SCHEMA: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 # Keys only some sources carry. A batch has one exactly when its data config sets the size named here (DigitWorld
-# sets only extra_questions: its tagging targets are the digits, its VQA has one answer per question).
+# sets only extra_questions and caption_len: its tagging targets are the digits, its VQA has one answer per question).
 OPTIONAL_SCHEMA: dict[str, tuple[str, tuple[str, ...], str]] = {
     "labels": ("float32", ("K",), "multi-hot class labels (AudioSet's 527), K = data.num_labels"),
     "answers": ("int32", ("A",), "VQA vocabulary indices of the A = data.num_human_answers human answers; "
@@ -39,9 +39,11 @@ OPTIONAL_SCHEMA: dict[str, tuple[str, tuple[str, ...], str]] = {
     "extra_questions": ("int32", ("Q", "L_q"), "Q = data.extra_questions more VQA questions about the sample "
                         "(training signal; evaluation reads `question`)"),
     "extra_answers": ("int32", ("Q",), "answer indices of `extra_questions`"),
+    "caption": ("int32", ("L_c",), "the caption a generation head learns to write: byte tokens, EOS, 0 = padding"),
 }
 OPTIONAL_SIZES = {"labels": ("K", "num_labels"), "answers": ("A", "num_human_answers"),
-                  "extra_questions": ("Q", "extra_questions"), "extra_answers": ("Q", "extra_questions")}
+                  "extra_questions": ("Q", "extra_questions"), "extra_answers": ("Q", "extra_questions"),
+                  "caption": ("L_c", "caption_len")}
 
 
 def batch_schema(data_cfg) -> dict[str, tuple[str, tuple[str, ...], str]]:

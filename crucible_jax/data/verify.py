@@ -6,7 +6,6 @@ import ml_collections
 from array_record.python.array_record_module import ArrayRecordReader
 
 from crucible_jax.data import registry
-from crucible_jax.data.digit_world import builder
 
 FULL_READ_BYTES = 256 * 2**20  # files up to this size are read end to end (every chunk's hash checked); larger:
 # record count plus the first and last record (a truncated ArrayRecord file opens with 0 records)
@@ -16,7 +15,8 @@ class InputFileError(ValueError):
   """An input file that is missing, truncated or corrupt; the message names it."""
 
 
-def _check_array_record(path: pathlib.Path, expected_records: int | None) -> None:
+def check_array_record(path: pathlib.Path, expected_records: int | None) -> None:
+  """Open an ArrayRecord file and read it (all of it up to FULL_READ_BYTES); InputFileError naming the file."""
   try:
     reader = ArrayRecordReader(str(path))
   except Exception as e:  # the C++ reader raises RuntimeError/ValueError with Riegeli's reason
@@ -44,25 +44,10 @@ def _check_array_record(path: pathlib.Path, expected_records: int | None) -> Non
       pass
 
 
-def _check_digit_world(data_cfg: ml_collections.ConfigDict, split: str) -> None:
-  if split not in builder.SPLITS:
-    raise ValueError(f"unknown DigitWorld split {split!r}; choose from {builder.SPLITS}")
-  digit_world = builder.prepare_digit_world(data_cfg)
-  info = digit_world.info.splits[split]
-  directory = pathlib.Path(digit_world.data_dir)
-  paths = sorted(directory.glob(f"{digit_world.name}-{split}.array_record-*"))
-  if len(paths) != len(info.shard_lengths):
-    raise InputFileError(f"split {split!r} in {directory} has {len(paths)} ArrayRecord files, its "
-                         f"dataset_info.json lists {len(info.shard_lengths)}")
-  for path, records in zip(paths, info.shard_lengths):
-    _check_array_record(path, records)
-
-
 def check_splits(data_cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
   """Open every split's files and verify them (DigitWorld: ArrayRecord record counts and chunk hashes; other
   sources: their reader opens and counts the split). InputFileError / FileNotFoundError / ValueError name the file."""
+  pipeline = registry.pipeline_of(data_cfg.name)
+  check = getattr(pipeline, "check_split", pipeline.num_examples)
   for split in dict.fromkeys(splits):
-    if data_cfg.name == "digit_world":
-      _check_digit_world(data_cfg, split)
-    else:
-      registry.pipeline_of(data_cfg.name).num_examples(data_cfg, split)
+    check(data_cfg, split)

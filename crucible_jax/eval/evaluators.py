@@ -15,7 +15,6 @@ from crucible_jax.common_types import MODALITIES
 from crucible_jax.eval import metrics
 from crucible_jax.eval.rows import present_rows, real_rows
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_PAIRS = (("image", "text"), ("text", "image"), ("audio", "image"), ("video", "text"))
 
 
@@ -130,7 +129,8 @@ class TaggingEvaluator:
 
 
 class AsrEvaluator:
-  """Connected-digit recognition: WER of CTC greedy decodes (digits as words) and exact string accuracy."""
+  """Transcription: error rate of CTC greedy decodes against the batch's label sequences (`digits`, `num_digits`),
+  one label a word (DigitWorld: a spoken digit), and the share of exactly right sequences."""
 
   heads = ("asr",)
 
@@ -149,7 +149,6 @@ class AsrEvaluator:
   def result(self):
     if not self._refs:
       return {}
-    as_words = lambda ds: " ".join(DIGIT_WORDS[d] for d in ds)
-    wer = metrics.word_error_rate([as_words(r) for r in self._refs], [as_words(h) for h in self._hyps])
+    wer = metrics.token_error_rate(self._refs, self._hyps)
     exact = np.mean([r == h for r, h in zip(self._refs, self._hyps)])
     return {"asr/wer": wer, "asr/string_accuracy": float(exact)}

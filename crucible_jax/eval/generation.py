@@ -1,4 +1,4 @@
-"""The caption evaluator of cross-modal generation: exact string and WER against the canonical caption.
+"""The caption evaluator of cross-modal generation: exact string and WER against the batch's `caption`.
 
 Generated images are scored by DigitWorld's glyph recogniser (`data/digit_world/recognizer.py`).
 """
@@ -11,9 +11,8 @@ from crucible_jax.common_types import MODALITIES
 from crucible_jax.data.tokenizers import byte
 from crucible_jax.eval import metrics
 from crucible_jax.eval.rows import present_rows, real_rows
-from crucible_jax.models.converter import caption_text
 
-_CAPTIONS = byte.ByteTokenizer(1)  # the converter captions in byte tokens (converter.caption_tokens)
+_CAPTIONS = byte.ByteTokenizer(1)  # the converter captions in byte tokens (converter.caption_targets)
 
 
 def check_sources(sources: Sequence[str], who: str) -> tuple[str, ...]:
@@ -25,7 +24,7 @@ def check_sources(sources: Sequence[str], who: str) -> tuple[str, ...]:
 
 
 class CaptionEvaluator:
-  """Greedy (or beam) captions from each source vs the canonical caption: exact-string accuracy and WER."""
+  """Greedy (or beam) captions from each source vs the batch's `caption`: exact-string accuracy and WER."""
 
   heads = ("caption",)
 
@@ -36,13 +35,15 @@ class CaptionEvaluator:
 
   def update(self, outputs, batch):
     real = real_rows(batch)
-    digits = np.asarray(batch["digits"])
+    if "caption" not in batch:
+      raise ValueError("caption evaluator: the batch has no `caption` to score against (data.caption_len = 0)")
+    captions = np.asarray(batch["caption"])
     for m in self.sources:
       if m not in outputs["caption_ids"]:
         raise ValueError(f"caption evaluator: the model does not caption {m!r} (model.converter.caption_sources)")
       ids = np.asarray(outputs["caption_ids"][m])
       for row in np.flatnonzero(real & present_rows(outputs, batch, m)):
-        self._refs[m].append(caption_text(digits[row]))
+        self._refs[m].append(_CAPTIONS.decode(captions[row]))
         self._hyps[m].append(_CAPTIONS.decode(ids[row]))
 
   def result(self):

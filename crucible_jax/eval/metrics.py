@@ -105,6 +105,16 @@ def word_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
   return sum(word_edit_distance(r, normalise_transcript(h)) for r, h in zip(ref_words, hyps)) / total
 
 
+def token_error_rate(refs: Sequence[Sequence[int]], hyps: Sequence[Sequence[int]]) -> float:
+  """Total edit distance over total reference tokens, for label sequences (WER when each label is a word)."""
+  if len(refs) != len(hyps):
+    raise ValueError(f"{len(refs)} references for {len(hyps)} hypotheses")
+  total = sum(len(r) for r in refs)
+  if total == 0:
+    raise ValueError("token_error_rate: the references hold no tokens")
+  return sum(word_edit_distance(r, h) for r, h in zip(refs, hyps)) / total
+
+
 def ctc_greedy_decode(logits: np.ndarray, mask: np.ndarray) -> list[list[int]]:
   """Best-path decoding over valid frames: argmax, collapse repeats, drop blanks (0), class c -> digit c-1."""
   logits, mask = np.asarray(logits), np.asarray(mask, bool)

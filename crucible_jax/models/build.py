@@ -184,7 +184,7 @@ def build_model(cfg: ml_collections.ConfigDict) -> CrucibleModel:
       balance=balance_lib.balance_spec(cfg.get("balance")),
       audio_augment=audio_augment_spec(cfg.audio.get("augment")) if AUDIO in modalities else None,
       converter=converter_lib.converter_spec(cfg.get("converter"), modalities, tuple(_get(cfg, "image.size")),
-                                             _get(cfg, "image.channels"), _positive(cfg, "heads.max_digits")),
+                                             _get(cfg, "image.channels")),
       heads=heads,
   ))
 

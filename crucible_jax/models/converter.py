@@ -1,8 +1,9 @@
 """Cross-modal generation from the shared space: a captioning TextDecoder (KV cache) and an ImageDecoder.
 
-The text decoder writes the canonical English caption of a sample ("three seven one") from any source modality's
-encoder tokens plus its shared embedding (CoCa style: causal self-attention, cross-attention to the source). The
-image decoder maps a shared embedding (any modality's `projections[m]` output) to an image of `model.image.size`.
+The text decoder writes a sample's caption (the batch's `caption`, byte tokens + EOS, which the data source renders)
+from any source modality's encoder tokens plus its shared embedding (CoCa style: causal self-attention,
+cross-attention to the source). The image decoder maps a shared embedding (any modality's `projections[m]` output)
+to an image of `model.image.size`.
 The model's `caption`/`imagine` heads call `converter_outputs`; `generate_caption`/`generate_image` are the
 `model.apply(..., method=...)` entry points of `crucible generate`.
 """
@@ -15,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from crucible_jax.common_types import EMBED, JOINT, LENGTH, MLP, MODALITIES, VOCAB
@@ -27,8 +27,6 @@ from crucible_jax.models.layers import (
 
 CONVERTER_HEADS = ("caption", "imagine")
 IMAGE_TARGETS = ("sample", "reference")
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-WORD_SLOT = 6  # tokens per digit in a caption: the longest word (5 bytes) plus a space / EOS
 IMAGE_UPSAMPLING = 4  # the image decoder's coarse grid is image.size / 4 (two stride-2 transposed convs)
 
 
@@ -39,9 +37,9 @@ def default_converter_config() -> ml_collections.ConfigDict:
   cfg.caption_sources = ("image", "video", "audio")  # modalities the text decoder captions (teacher-forced in train)
   cfg.image_sources = ("image", "text", "audio", "video")  # modalities whose shared embedding the image decoder reads
   cfg.width, cfg.depth, cfg.heads, cfg.mlp = 64, 2, 4, 128  # text decoder features, blocks, heads, MLP features
-  cfg.max_len = 24  # caption length incl. EOS, tokens (>= 6 x heads.max_digits)
+  cfg.max_len = 24  # caption length incl. EOS, tokens (>= data.caption_len)
   cfg.image_width = 64  # image decoder channels on the coarse grid (features)
-  cfg.image_target = "sample"  # imagine/<m> target: "sample" (its own image) or "reference" (digits, reference hand)
+  cfg.image_target = "sample"  # imagine/<m> target: "sample" (its own image) or "reference" (the source's drawing)
   cfg.beam_size = 1  # eval-time caption decoding: 1 = greedy, k > 1 = beam search of width k
   cfg.length_alpha = 0.0  # beam search length normalisation: score / length**alpha (0 = raw log-probability)
   return cfg
@@ -66,7 +64,7 @@ class ConverterSpec:
 
 
 def converter_spec(cfg: ml_collections.ConfigDict | None, modalities: tuple[str, ...], image_size: tuple[int, int],
-                   image_channels: int, max_digits: int) -> ConverterSpec | None:
+                   image_channels: int) -> ConverterSpec | None:
   """The spec of `model.converter`, None when absent or disabled; ValueError naming the bad field."""
   if cfg is None or not cfg.get("enabled", False):
     return None
@@ -83,9 +81,6 @@ def converter_spec(cfg: ml_collections.ConfigDict | None, modalities: tuple[str,
       raise ValueError(f"converter.{key}={value!r} must be a positive integer")
   if cfg.width % cfg.heads:
     raise ValueError(f"converter.width={cfg.width} is not divisible by converter.heads={cfg.heads}")
-  if cfg.max_len < WORD_SLOT * max_digits:
-    raise ValueError(f"converter.max_len={cfg.max_len} is too short for {max_digits}-digit captions "
-                     f"(needs {WORD_SLOT * max_digits})")
   if cfg.get("image_target", "sample") not in IMAGE_TARGETS:
     raise ValueError(f"converter.image_target={cfg.image_target!r} is not one of {IMAGE_TARGETS}")
   if any(s % IMAGE_UPSAMPLING for s in image_size):
@@ -97,48 +92,21 @@ def converter_spec(cfg: ml_collections.ConfigDict | None, modalities: tuple[str,
 
 # --- caption targets ---------------------------------------------------------------------------------------------
 
-def caption_text(digits: np.ndarray | list[int]) -> str:
-  """The canonical caption of a digit string (padding -1 dropped): "three seven one"."""
-  return " ".join(DIGIT_WORDS[int(d)] for d in digits if int(d) >= 0)
+def caption_targets(batch: Mapping[str, Array], max_len: int) -> tuple[Int[Array, "b l"], Bool[Array, "b l"]]:
+  """(targets, valid-target mask) [B, max_len]: the batch's `caption` (tokens + EOS, 0 = padding) padded to max_len."""
+  if "caption" not in batch:
+    raise ValueError("the caption head learns batch['caption'], which this batch lacks: the data source renders it "
+                     "when data.caption_len > 0")
+  caption = jnp.asarray(batch["caption"], jnp.int32)
+  if caption.shape[1] > max_len:
+    raise ValueError(f"batch['caption'] has {caption.shape[1]} tokens, more than model.converter.max_len={max_len}")
+  targets = jnp.pad(caption, ((0, 0), (0, max_len - caption.shape[1])))
+  return targets, targets != byte.PAD
 
 
-def _word_table() -> tuple[np.ndarray, np.ndarray]:
-  """(tokens [10, WORD_SLOT] of "word " padded with PAD, token counts [10])."""
-  rows = [byte.ByteTokenizer(WORD_SLOT).encode(w + " ") for w in DIGIT_WORDS]
-  return np.stack(rows), np.array([len(w) + 1 for w in DIGIT_WORDS], np.int32)
-
-
-def caption_tokens(digits: Int[Array, "b d"], num_digits: Int[Array, "b"], max_len: int
-                   ) -> tuple[Int[Array, "b l"], Int[Array, "b l"], Bool[Array, "b l"]]:
-  """(decoder inputs BOS + caption, targets caption + EOS, valid-target mask) in byte tokens, computed in JAX."""
-  table, lengths = (jnp.asarray(a) for a in _word_table())
-  batch, slots = digits.shape
-  used = jnp.arange(slots)[None, :] < num_digits[:, None]
-  safe = jnp.clip(digits, 0, 9)
-  word_len = jnp.where(used, lengths[safe], 0)  # [B, D]
-  offsets = jnp.cumsum(word_len, axis=1) - word_len
-  chars = table[safe]  # [B, D, WORD_SLOT]
-  within = jnp.arange(WORD_SLOT) < word_len[..., None]
-  positions = jnp.where(within, offsets[..., None] + jnp.arange(WORD_SLOT), max_len)  # max_len = dropped
-  rows = jnp.broadcast_to(jnp.arange(batch)[:, None, None], positions.shape)
-  targets = jnp.zeros((batch, max_len), jnp.int32).at[rows, positions].set(chars, mode="drop")
-  total = jnp.sum(word_len, axis=1)  # the last token is the trailing space: it becomes EOS
-  last = jnp.where(total > 0, total - 1, max_len)
-  targets = targets.at[jnp.arange(batch), last].set(byte.EOS, mode="drop")
-  inputs = jnp.concatenate([jnp.full((batch, 1), byte.BOS, jnp.int32), targets[:, :-1]], axis=1)
-  return inputs, targets, jnp.arange(max_len)[None, :] < total[:, None]
-
-
-def reference_images(glyphs: Float[Array, "10 h h"], digits: Int[Array, "b d"], width: int
-                     ) -> Float[Array, "b h w 1"]:
-  """Digit k's reference glyph in the k-th h x h box from the left (DigitWorld's form layout), padding blank."""
-  batch, slots = digits.shape
-  box = glyphs.shape[-1]
-  if slots * box > width:
-    raise ValueError(f"{slots} digit boxes of {box} pixels do not fit an image {width} pixels wide")
-  drawn = jnp.where((digits >= 0)[..., None, None], jnp.asarray(glyphs)[jnp.clip(digits, 0, 9)], 0.0)
-  row = jnp.transpose(drawn, (0, 2, 1, 3)).reshape(batch, box, slots * box)
-  return jnp.pad(row, ((0, 0), (0, 0), (0, width - slots * box)))[..., None]
+def teacher_inputs(targets: Int[Array, "b l"]) -> Int[Array, "b l"]:
+  """Decoder inputs of teacher forcing: BOS, then the targets shifted right by one."""
+  return jnp.concatenate([jnp.full((targets.shape[0], 1), byte.BOS, jnp.int32), targets[:, :-1]], axis=1)
 
 
 # --- modules -----------------------------------------------------------------------------------------------------
@@ -293,7 +261,7 @@ def converter_outputs(model: Any, batch: Mapping[str, Array], encoded: Mapping[s
   embeddings = {m: model.projections[m](pooled[m]) for m in set(spec.caption_sources) | set(spec.image_sources)}
   if "caption" in heads:
     if train:
-      inputs, _, _ = caption_tokens(batch["digits"], batch["num_digits"], spec.max_len)
+      inputs = teacher_inputs(caption_targets(batch, spec.max_len)[0])
       out["caption_logits"] = {m: model.caption_decoder(inputs, *encoded[m], embeddings[m], source=m)
                                for m in spec.caption_sources}
     else:

@@ -32,8 +32,7 @@ def _payload(modality: str, sample: dict[str, np.ndarray], data_cfg: ml_collecti
 
 def _digit_world(split: str, data_cfg: ml_collections.ConfigDict, batch_size: int, spec: str
                  ) -> tuple[int, Iterator[tuple[int, own_collection.Batch]]]:
-  from crucible_jax.data import pipeline  # grain and tfds: only when DigitWorld is indexed
-  from crucible_jax.data.digit_world import builder
+  from crucible_jax.data.digit_world import builder, pipeline  # grain and tfds: only when DigitWorld is indexed
   if split not in builder.SPLITS:
     raise ValueError(f"data source {spec!r}: DigitWorld has splits {builder.SPLITS}, not {split!r}")
   total = pipeline.num_examples(data_cfg, split)

@@ -7,10 +7,12 @@ its config is validated (`data/registry.py`). Add a task with `register(Task(...
 from typing import Any, Mapping
 
 from crucible_jax.tasks import generic  # noqa: F401  (registers the generic tasks)
-from crucible_jax.tasks.registry import (LOSS_KINDS, SourceExtras, Task, TermContext, evaluator_factory, fixed, get,
-                                         names, one_modality, register, register_source, source_extras, task_of_term)
+from crucible_jax.tasks.registry import (LOSS_KINDS, SourceExtras, Task, TermContext, evaluator_factory, evaluator_task,
+                                         fixed, get, names, one_modality, register, register_source, source_extras,
+                                         task_of_term)
 
-__all__ = ["LOSS_KINDS", "SourceExtras", "Task", "TermContext", "build_evaluators", "evaluator_factory", "fixed", "get",
+__all__ = ["LOSS_KINDS", "SourceExtras", "Task", "TermContext", "build_evaluators", "evaluator_factory",
+           "evaluator_task", "fixed", "get",
            "names", "one_modality", "register", "register_source", "source_extras", "task_of_term", "term_modalities"]
 
 

@@ -1,16 +1,19 @@
 """The generic tasks: contrastive retrieval, VQA as classification, multi-label tagging, CTC transcription,
 captioning and image generation. A data source adds its own (`data/digit_world/tasks.py`)."""
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import Array
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, present_key
 from crucible_jax.eval.evaluators import AsrEvaluator, RetrievalEvaluator, TaggingEvaluator, VqaEvaluator
 from crucible_jax.eval.generation import CaptionEvaluator
-from crucible_jax.models.converter import caption_tokens, reference_images
+from crucible_jax.models.converter import caption_targets
 from crucible_jax.models.crucible import HEAD_MODALITIES
-from crucible_jax.tasks.registry import Task, TermContext, TermFn, fixed, one_modality, register
+from crucible_jax.tasks.registry import Batch, Task, TermContext, TermFn, fixed, one_modality, register
 from crucible_jax.tasks.terms import modality_intact, modality_usable, output, sample_weight
 from crucible_jax.train import losses
 
@@ -86,13 +89,13 @@ def _asr_term(arg: str, key: str, ctx: TermContext) -> TermFn:
 
 
 def _caption_term(modality: str, key: str, ctx: TermContext) -> TermFn:
-  """Teacher-forced token cross-entropy of the canonical caption (mean over its tokens, padding masked)."""
+  """Teacher-forced token cross-entropy of the batch's `caption` (mean over its tokens, padding masked)."""
   def term(outputs, batch):
     logits = output(outputs, "caption_logits", key)
     if modality not in logits:
       raise ValueError(f"objective term {key!r}: {modality!r} is not in model.converter.caption_sources")
     logits = logits[modality]
-    _, targets, mask = caption_tokens(batch["digits"], batch["num_digits"], logits.shape[1])
+    targets, mask = caption_targets(batch, logits.shape[1])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     per_sample = jnp.sum(ce * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1)
     weight = sample_weight(batch) * modality_usable(outputs, batch, modality)
@@ -101,16 +104,33 @@ def _caption_term(modality: str, key: str, ctx: TermContext) -> TermFn:
   return term
 
 
-def _imagine_term(modality: str, key: str, ctx: TermContext) -> TermFn:
-  """Pixel MSE of the image decoded from `modality`'s shared embedding against the sample's own image, or, given
-  `ctx.reference_glyphs` [labels, H, H], against its label sequence drawn in that reference hand."""
-  glyphs = ctx.reference_glyphs
+def _validate_caption(config: Any) -> None:
+  """Captioning learns and scores the batch's `caption`: the data must render it, no longer than the decoder."""
+  converter = config.model.get("converter") or {}
+  caption_len, max_len = config.data.get("caption_len"), converter.get("max_len", 0)
+  if not converter.get("enabled", False):
+    raise ValueError("captioning needs the converter's text decoder: model.converter.enabled=False")
+  if caption_len is None:  # a config saved before the field existed: loads (embed, export); its batches say the rest
+    return
+  if not caption_len:
+    raise ValueError("captioning learns and scores batch['caption'], which data.caption_len=0 leaves out")
+  if caption_len > max_len:
+    raise ValueError(f"data.caption_len={caption_len} exceeds model.converter.max_len={max_len}")
+
+
+def imagine_term(modality: str, key: str, ctx: TermContext,
+                 target_of: Callable[[Batch], Array] | None = None) -> TermFn:
+  """Pixel MSE of the image decoded from `modality`'s shared embedding against the sample's own image, or against
+  `target_of(batch)` (a source's drawing of the sample: `imagine` as a source re-registers it)."""
+  if target_of is None and ctx.reference_glyphs is not None:
+    raise ValueError(f"objective term {key!r}: reference images were given, but the generic imagine task draws "
+                     f"none (the data source registers its own imagine term for model.converter.image_target)")
 
   def term(outputs, batch):
     images = output(outputs, "images", key)
     if modality not in images:
       raise ValueError(f"objective term {key!r}: {modality!r} is not in model.converter.image_sources")
-    target = batch[IMAGE] if glyphs is None else reference_images(glyphs, batch["digits"], batch[IMAGE].shape[2])
+    target = batch[IMAGE] if target_of is None else target_of(batch)
     error = jnp.square(images[modality].astype(jnp.float32) - target.astype(jnp.float32))
     weight = sample_weight(batch) * modality_usable(outputs, batch, modality)
     weight = weight * batch.get(present_key(IMAGE), jnp.ones_like(weight, bool)) * modality_intact(batch, IMAGE)
@@ -129,5 +149,6 @@ register(Task("tagging", head="tagging", outputs=("tag_logits",),
 register(Task("asr", head="asr", outputs=("ctc_logits", "ctc_mask"), modalities=fixed("asr", HEAD_MODALITIES["asr"]),
               term=_asr_term, evaluators={"asr": AsrEvaluator}))
 register(Task("caption", head="caption", outputs=("caption_logits", "caption_ids"),
-              modalities=one_modality("caption"), term=_caption_term, evaluators={"caption": CaptionEvaluator}))
-register(Task("imagine", head="imagine", outputs=("images",), modalities=one_modality("imagine"), term=_imagine_term))
+              modalities=one_modality("caption"), term=_caption_term, evaluators={"caption": CaptionEvaluator},
+              validate=_validate_caption))
+register(Task("imagine", head="imagine", outputs=("images",), modalities=one_modality("imagine"), term=imagine_term))

@@ -102,12 +102,17 @@ def task_of_term(key: str) -> tuple[Task, str]:
   return get(name), arg
 
 
-def evaluator_factory(kind: str) -> Callable[..., Any]:
-  """The factory of evaluator `kind` and the task registering it; ValueError listing the known kinds."""
+def evaluator_task(kind: str) -> Task:
+  """The task registering evaluator `kind`; ValueError listing the known kinds."""
   for task in _TASKS.values():
     if kind in task.evaluators:
-      return task.evaluators[kind]
+      return task
   raise ValueError(f"unknown evaluator {kind!r}; known: {sorted(k for t in _TASKS.values() for k in t.evaluators)}")
+
+
+def evaluator_factory(kind: str) -> Callable[..., Any]:
+  """The factory of evaluator `kind`; ValueError listing the known kinds."""
+  return evaluator_task(kind).evaluators[kind]
 
 
 def one_modality(task: str) -> Callable[[str], frozenset[str]]:

@@ -10,7 +10,7 @@ from jax.experimental import multihost_utils
 
 from crucible_jax import tasks
 from crucible_jax.common_types import MODALITIES
-from crucible_jax.data import pipeline as data_lib
+from crucible_jax.data import loader, registry
 from crucible_jax.parallel.distributed import fault_point
 from crucible_jax.train.setup import Experiment
 
@@ -59,7 +59,7 @@ def evaluate_splits(experiment: Experiment, params: Any, splits: tuple[str, ...]
   heads = tuple(sorted({h for e in tasks.build_evaluators(config.evals).values() for h in e.heads}))
   eval_step = experiment.eval_step(heads)
   eval_batch = config.get("eval_batch_size", config.batch_size)
-  to_device = lambda b: data_lib.to_global_batch(b, experiment.batch_sharding)
+  to_device = lambda b: loader.to_global_batch(b, experiment.batch_sharding)
   results = {}
   with jax.set_mesh(experiment.mesh):
     for split in splits:
@@ -68,7 +68,7 @@ def evaluate_splits(experiment: Experiment, params: Any, splits: tuple[str, ...]
       for evaluator in evaluators.values():
         if hasattr(evaluator, "attach"):
           evaluator.attach(workdir=pathlib.Path(workdir), data=config.data, split=split)
-      batches = data_lib.make_eval_batches(config.data, split, batch_size=eval_batch)
+      batches = registry.make_eval_batches(config.data, split, batch_size=eval_batch)
       scores = evaluate_split(eval_step, params, batches, evaluators, to_device)
       results.update({f"{split}/{k}": v for k, v in scores.items()})
   return results

@@ -15,7 +15,7 @@ import ml_collections
 
 from crucible_jax import tasks
 from crucible_jax.common_types import MODALITIES
-from crucible_jax.data import pipeline as data_lib
+from crucible_jax.data import loader, registry
 from crucible_jax.data.tokenizers import tokenizer_of
 from crucible_jax.data.verify import check_splits
 from crucible_jax.eval import plots
@@ -88,7 +88,7 @@ class Trainer:
       signal.signal(signal.SIGTERM, previous)
       self.checkpointer.wait()
     results = self.evaluate(params, splits=splits)
-    results.update(data_lib.record_stats(self.config.data))  # bad records skipped, captions cut
+    results.update(registry.record_stats(self.config.data))  # bad records skipped, captions cut
     results.update(wall_s=time.perf_counter() - start_time, steps=self.total_steps)
     self._write_results(results)
     if self.config.get("plots", True):
@@ -99,7 +99,7 @@ class Trainer:
     self._stop_requested = True
 
   def _train_all_stages(self, resume: tuple[int, dict] | None) -> Any:
-    iterator = data_lib.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
+    iterator = registry.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
                                             seed=self.config.seed, sample_hook=curriculum.sample_hook(self.config),
                                             process_index=jax.process_index(), process_count=jax.process_count())
     self._current_iterator = iterator
@@ -136,7 +136,7 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       while stage_step < plan.steps:
         global_step = plan.start + stage_step
-        batch = data_lib.to_global_batch(next(iterator), self.experiment.batch_sharding)
+        batch = loader.to_global_batch(next(iterator), self.experiment.batch_sharding)
         state, metrics = train_step(state, batch, jax.random.fold_in(self._base_rng, global_step))
         stage_step += 1
         info = StepInfo(plan.name, stage_step, plan.steps, global_step + 1, state, metrics)
@@ -183,7 +183,7 @@ class Trainer:
     latest, meta = resume
     plan = self.plans[meta["stage_index"]]
     abstract, _, _ = self.experiment.state_layout(self.experiment.stage_parts(plan)[0], self.experiment.trained(plan))
-    iterator = data_lib.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
+    iterator = registry.make_train_iterator(self.config.data, global_batch=self.config.batch_size,
                                             seed=self.config.seed, process_index=jax.process_index(),
                                             process_count=jax.process_count())
     return self.checkpointer.restore(latest, abstract, iterator).params
@@ -209,10 +209,10 @@ class Trainer:
     pairs = [tuple(p) for p in self.config.evals.get("retrieval", {}).get("pairs", ())][:4]
     splits = tuple(self.config.get("eval_splits", ("test",)))
     if pairs and splits:
-      local = next(iter(data_lib.make_eval_batches(self.config.data, splits[0],
+      local = next(iter(registry.make_eval_batches(self.config.data, splits[0],
                                                    batch_size=self.config.eval_batch_size)))
       with jax.set_mesh(self.mesh):
-        device_batch = data_lib.to_global_batch(local, self.experiment.batch_sharding)
+        device_batch = loader.to_global_batch(local, self.experiment.batch_sharding)
         outputs, batch = global_host_view(self.experiment.eval_step(("embed",))(params, device_batch), device_batch,
                                           MODALITIES)
     if jax.process_index() != 0:

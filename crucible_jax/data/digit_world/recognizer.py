@@ -93,7 +93,7 @@ def _predict(max_digits: int, params: Any, images: jax.Array) -> jax.Array:
 def load_or_train_recognizer(workdir: pathlib.Path, data: ml_collections.ConfigDict, *, steps: int,
                              examples: int) -> Any:
   """The recogniser cached in workdir/recognizer/, else trained on the first `examples` train images and saved."""
-  from crucible_jax.data import pipeline  # deferred: the data stack is only needed to train it once
+  from crucible_jax.data.digit_world import pipeline  # deferred: the data stack is only needed to train it once
   directory = pathlib.Path(workdir) / "recognizer"
   meta = dict(steps=steps, examples=examples, image_size=list(data.image_size), variant=str(data.variant))
   model = DigitRecognizer(int(data.max_digits))

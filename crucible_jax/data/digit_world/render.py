@@ -14,7 +14,7 @@ import numpy as np
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
 from crucible_jax.data import audio as audio_lib
-from crucible_jax.data.digit_world import builder, draw, templates
+from crucible_jax.data.digit_world import builder, draw, targets, templates
 from crucible_jax.data.tokenizers import Tokenizer, tokenizer_of
 
 VARIANTS: Final = ("clean", "corrupted", "imbalanced")
@@ -127,6 +127,9 @@ def render_sample(
   padded_digits = np.full((max_digits,), -1, np.int32)
   padded_digits[:num_digits] = digits
   extra = _extra_questions(digits, data_cfg, streams[STREAMS.index("questions")]) if asking else {}
+  caption_len = int(getattr(data_cfg, "caption_len", 0))
+  if caption_len:  # the converter's target: the true digits, whatever a corrupted caption says
+    extra["caption"] = targets.caption_target(digits, caption_len)
   return {
       "image": np.asarray(image, np.float32),  # already float32: no copies
       "video": np.asarray(video, np.float32),
@@ -164,6 +167,7 @@ def padding_sample(data_cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]
   """An all-zero sample that says it is not data: weight 0, every `<m>_present` False, digits -1."""
   height, width = data_cfg.image_size
   frame_h, frame_w = data_cfg.video_size
+  caption_len = int(getattr(data_cfg, "caption_len", 0))
   return {
       "image": np.zeros((height, width, 1), np.float32),
       "video": np.zeros((int(data_cfg.video_frames), frame_h, frame_w, 1), np.float32),
@@ -183,4 +187,5 @@ def padding_sample(data_cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]
       **({"extra_questions": np.zeros((int(data_cfg.extra_questions), int(data_cfg.question_len)), np.int32),
           "extra_answers": np.zeros((int(data_cfg.extra_questions),), np.int32)}
          if getattr(data_cfg, "extra_questions", 0) else {}),
+      **({"caption": np.zeros((caption_len,), np.int32)} if caption_len else {}),
   }

@@ -1,6 +1,6 @@
 """DigitWorld's own tasks: reading the digit string from each modality (`pretrain`) and from all of them fused
-(`fused`), scored by exact string accuracy; its VQA question types, the reference glyphs `imagine` can draw, and
-the glyph recogniser that reads generated images (`image_generation`).
+(`fused`), scored by exact string accuracy; its VQA question types; `imagine` extended with the digit string drawn in
+the reference glyphs as target and the glyph recogniser that reads generated images (`image_generation`).
 
 Registered when a DigitWorld config is validated (`data/registry.py`); models, train and eval never import it.
 """
@@ -10,13 +10,15 @@ from typing import Sequence
 
 import numpy as np
 
-from crucible_jax.common_types import MODALITIES
+from crucible_jax.common_types import IMAGE, MODALITIES
 from crucible_jax.data.digit_world.draw import reference_glyphs_of
 from crucible_jax.data.digit_world.recognizer import ImageGenerationEvaluator
+from crucible_jax.data.digit_world.targets import reference_images
 from crucible_jax.data.digit_world.templates import QUESTION_TYPES
 from crucible_jax.eval.rows import present_rows, real_rows
 from crucible_jax.models.heads import position_targets
 from crucible_jax import tasks as tasks_lib
+from crucible_jax.tasks.generic import imagine_term
 from crucible_jax.tasks.registry import SourceExtras, Task, TermContext, TermFn
 from crucible_jax.tasks.terms import modality_usable, output, position_accuracy, sample_weight
 from crucible_jax.train import losses
@@ -38,6 +40,15 @@ def _fused_term(arg: str, key: str, ctx: TermContext) -> TermFn:
     loss = losses.position_loss(logits, batch["digits"], batch["num_digits"], weight)
     return loss, {"acc/fused": position_accuracy(logits, batch["digits"], batch["num_digits"], weight)}
   return term
+
+
+def _imagine_term(modality: str, key: str, ctx: TermContext) -> TermFn:
+  """The generic imagine term; with `ctx.reference_glyphs` [10, H, H], its target is the digit string in them."""
+  glyphs = ctx.reference_glyphs
+  if glyphs is None:
+    return imagine_term(modality, key, ctx)
+  return imagine_term(modality, key, ctx, target_of=lambda batch: reference_images(glyphs, batch["digits"],
+                                                                                    batch[IMAGE].shape[2]))
 
 
 def _mean(chunks: list[np.ndarray]) -> float:
@@ -96,7 +107,7 @@ tasks_lib.register(Task("pretrain", head="pretrain", outputs=("pretrain_logits",
 tasks_lib.register(Task("fused", head="fused", outputs=("fused_logits",), modalities=tasks_lib.fixed("fused", ()),
                         term=_fused_term, evaluators={"fused": FusedEvaluator}, source="digit_world"))
 _imagine = tasks_lib.get("imagine")
-tasks_lib.register(dataclasses.replace(_imagine, evaluators={**_imagine.evaluators,
-                                                             "image_generation": ImageGenerationEvaluator}))
+tasks_lib.register(dataclasses.replace(_imagine, term=_imagine_term, evaluators={
+    **_imagine.evaluators, "image_generation": ImageGenerationEvaluator}))
 tasks_lib.register_source("digit_world", SourceExtras(question_types=QUESTION_TYPES,
                                                       reference_glyphs=reference_glyphs_of))

@@ -35,12 +35,17 @@ def string_id(digits: Sequence[int]) -> int:
   return shorter + int("".join(str(d) for d in digits))
 
 
+def english(digits: Sequence[int]) -> str:
+  """A digit string in English words, padding (-1) dropped: [3, 7, 1] -> "three seven one"."""
+  return " ".join(ENGLISH_WORDS[int(d)] for d in digits if int(d) >= 0)
+
+
 def caption(digits: Sequence[int], template_id: int) -> str:
   """The caption of `digits` in template `template_id` (index into CAPTION_TEMPLATES)."""
   if not 0 <= template_id < len(CAPTION_TEMPLATES):
     raise ValueError(f"caption template id {template_id} outside [0, {len(CAPTION_TEMPLATES)})")
   return CAPTION_TEMPLATES[template_id].format(
-      en=" ".join(ENGLISH_WORDS[d] for d in digits),
+      en=english(digits),
       zh="".join(CHINESE_WORDS[d] for d in digits),
       num="".join(str(d) for d in digits),
   )

@@ -3,7 +3,7 @@
 import ml_collections
 
 from crucible_jax.common_types import MODALITIES
-from crucible_jax.data.digit_world import draw, render
+from crucible_jax.data.digit_world import draw, render, targets
 
 
 def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
@@ -20,6 +20,10 @@ def validate_data_config(data_cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"data.extra_questions={extra!r} must be a count >= 0")
   if extra and data_cfg.name != "digit_world":
     raise ValueError(f"data.extra_questions={extra}: only DigitWorld draws extra questions (data.name={data_cfg.name!r})")
+  caption_len, needed = data_cfg.get("caption_len", 0), targets.caption_length(int(data_cfg.max_digits))
+  if isinstance(caption_len, bool) or not isinstance(caption_len, int) or caption_len < 0 or 0 < caption_len < needed:
+    raise ValueError(f"data.caption_len={caption_len!r} must be 0 (no caption targets) or >= {needed}, "
+                     f"the tokens a {data_cfg.max_digits}-digit caption takes")
   unknown = set(data_cfg.drop_modalities) - set(MODALITIES)
   if unknown:
     raise ValueError(f"data.drop_modalities names unknown modalities {sorted(unknown)}; known: {MODALITIES}")

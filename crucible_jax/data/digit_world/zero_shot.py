@@ -15,14 +15,14 @@ from typing import Callable, Final, Sequence
 
 import numpy as np
 
-from crucible_jax.data.digit_world.templates import ENGLISH_WORDS, string_id
+from crucible_jax.data.digit_world.templates import ENGLISH_WORDS, english, string_id
 
 TEMPLATES: Final = ("{}", "digits: {}", "the number {}", "a card showing {}")
 
 
 def words(digits: Sequence[int]) -> str:
   """English class name of a digit string, e.g. [3, 7, 1] -> "three seven one"."""
-  return " ".join(ENGLISH_WORDS[int(d)] for d in digits)
+  return english(digits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Own data as a grain random-access source, and its train/eval batches through the benchmarks' generic pipeline.
+"""Own data as a grain random-access source, and its train/eval batches through the generic loader.
 
 Splits: `train` = the collection minus the held-out share (`data.eval_fraction`, by a hash of each record's name),
 `test` = that share, or the whole `data.eval_manifest` / `data.eval_shards` when given. Bad records follow
@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from crucible_jax.common_types import AUDIO, IMAGE, TEXT, VIDEO
-from crucible_jax.data import benchmarks
+from crucible_jax.data import benchmarks, loader
 from crucible_jax.data.formats import common
 from crucible_jax.data.own import preprocess, records
 from crucible_jax.data.own.config import validate_own_data
@@ -93,16 +93,18 @@ def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch: in
                         process_index: int | None = None, process_count: int | None = None,
                         sample_hook: Callable[[int, dict], dict] | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless, exactly resumable iterator of this process's augmented train batches."""
-  return benchmarks.train_batches(open_split(data_cfg, "train"), data_cfg, global_batch=global_batch, seed=seed,
-                                  process_index=process_index, process_count=process_count, sample_hook=sample_hook)
+  return loader.train_batches(open_split(data_cfg, "train"), data_cfg, complete=benchmarks.completer(data_cfg),
+                              global_batch=global_batch, seed=seed, process_index=process_index,
+                              process_count=process_count, sample_hook=sample_hook)
 
 
 def make_eval_batches(data_cfg: ml_collections.ConfigDict, split: str, *, batch_size: int,
                       process_index: int | None = None, process_count: int | None = None
                       ) -> Iterator[dict[str, np.ndarray]]:
   """Every record of `split` once, in order, in global batches padded with weight-0 samples."""
-  return benchmarks.eval_batches(open_split(data_cfg, split), data_cfg, batch_size=batch_size,
-                                 process_index=process_index, process_count=process_count)
+  return loader.eval_batches(open_split(data_cfg, split), data_cfg, complete=benchmarks.completer(data_cfg),
+                             padding=benchmarks.blank_sample(data_cfg), batch_size=batch_size,
+                             process_index=process_index, process_count=process_count)
 
 
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:

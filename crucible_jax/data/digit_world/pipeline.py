@@ -1,77 +1,27 @@
-"""The grain input pipeline: recipes → shuffle → repeat → per-process shard → render → batch → global arrays.
+"""DigitWorld's grain pipeline: recipes → shuffle → repeat → global batch → this process's block → render.
 
 Rendering happens here, per element, deterministically from (record, seed, epoch), so the iterator state alone
-(`get_state`/`set_state`) resumes a run exactly, with any number of worker processes.
+(`get_state`/`set_state`) resumes a run exactly, with any number of worker processes. `data/registry.py` reads
+DigitWorld through this module; the generic plumbing is `data/loader.py`.
 """
 
 import functools
 import logging
-import math
+import pathlib
 import threading
 import types
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping
 
 import grain
-import jax
 import ml_collections
 import numpy as np
-from ml_collections import config_dict
 
 from crucible_jax.common_types import AUDIO, IMAGE, MODALITIES, TEXT, VIDEO, present_key
-from crucible_jax.data import registry
+from crucible_jax.data import loader, verify
 from crucible_jax.data.digit_world import builder, render
 from crucible_jax.data.digit_world.validation import validate_data_config
-from crucible_jax.data.tokenizers import default_tokenizer_config
 
 _DATA_OF = {IMAGE: ("image",), VIDEO: ("video",), AUDIO: ("audio", "audio_len"), TEXT: ("text",)}
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """DigitWorld's data config; experiments import it and override fields."""
-  cfg = ml_collections.ConfigDict()
-  cfg.name = "digit_world"  # dataset name; others: the real benchmarks and "own" (data/registry.py)
-  cfg.data_dir = config_dict.placeholder(str)  # dataset root; None → $CRUCIBLE_DATA_DIR or ~/.cache/crucible_jax
-  cfg.train_size = 20000  # samples in the train split
-  cfg.val_size = 2000  # samples in the val split
-  cfg.test_size = 2000  # samples in the test split
-  cfg.heldout_size = 2000  # samples in test_heldout_speaker (only the held-out voice)
-  cfg.max_digits = 4  # longest digit string; strings have 1..max_digits digits
-  cfg.seed = 0  # seed of the recipes (and of eval rendering)
-  cfg.variant = "clean"  # "clean" | "corrupted" | "imbalanced"
-  cfg.corrupt_prob = 0.35  # probability that each modality of a sample is corrupted ("corrupted" variant)
-  cfg.speech_snr_db = config_dict.placeholder(tuple)  # (low, high) dB of the speech's noise; None = the variant's
-  cfg.image_size = (16, 64)  # image canvas (height, width) in pixels; width/height slots of height x height
-  cfg.video_frames = 8  # frames per video
-  cfg.video_size = (16, 16)  # video frame (height, width) in pixels
-  cfg.sample_rate = 8000  # audio samples per second (Hz)
-  cfg.audio_seconds = 4.0  # audio length in seconds; the waveform is zero-padded to this
-  cfg.text_len = 48  # caption length, tokens
-  cfg.question_len = 32  # question length, tokens
-  cfg.tokenizer = default_tokenizer_config()  # captions and questions: byte | sentencepiece | hf
-  cfg.extra_questions = 0  # more random VQA questions per sample (keys extra_questions/extra_answers); 0 = none
-  cfg.heldout_speaker = "fr_CA_f_June"  # voice kept out of train/val/test, used only by test_heldout_speaker
-  cfg.synthetic_voices = 0  # eSpeak NG voices synthesised at prepare time for the train split (0 = real voices only)
-  cfg.synthetic_share = 0.0  # fraction of train samples spoken by a synthetic voice (needs synthetic_voices > 0)
-  cfg.num_workers = 0  # grain worker processes rendering samples (0 = in the main process)
-  cfg.prefetch_buffer = 2  # batches prefetched per process / per worker
-  cfg.skip_bad_records = False  # a record that fails to render becomes a weight-0 padding sample, not an error
-  cfg.drop_modalities = ml_collections.ConfigDict(  # train only: probability of hiding each modality
-      {m: 0.0 for m in MODALITIES})
-  return cfg
-
-
-def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  if not 0 <= index < count:
-    raise ValueError(f"process_index {index} outside [0, process_count={count})")
-  return index, count
-
-
-def _local_batch(global_batch: int, process_count: int) -> int:
-  if global_batch <= 0 or global_batch % process_count:
-    raise ValueError(f"global_batch {global_batch} is not a positive multiple of process_count {process_count}")
-  return global_batch // process_count
 
 
 def drop_modalities(
@@ -184,28 +134,13 @@ def train_recipes(
     process_count: int | None = None,
 ) -> grain.MapDataset:
   """This process's infinite stream of (epoch, recipe): shuffled anew each epoch, sharded across processes."""
-  process_index, process_count = _process_layout(process_index, process_count)
+  process_index, process_count = loader.process_layout(process_index, process_count)
   source = RecipeSource(data_cfg, "train")
   # Shuffle record indices and read in a map: the same order as shuffling the source, without grain's per-read
   # source metrics (a byte-size walk of every record).
   dataset = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
   dataset = dataset.map_with_index(functools.partial(_read_tagged, source=source, epoch_size=len(source)))
   return dataset[process_index::process_count]
-
-
-def _maybe_mp_prefetch(dataset: grain.IterDataset, data_cfg: ml_collections.ConfigDict) -> grain.IterDataset:
-  if data_cfg.num_workers <= 0:
-    return dataset
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  if not flags.FLAGS.is_parsed():  # grain #1355: workers read absl flags, unparsed outside absl.app
-    flags.FLAGS.mark_as_parsed()
-  return dataset.mp_prefetch(grain.MultiprocessingOptions(
-      num_workers=int(data_cfg.num_workers), per_worker_buffer_size=int(data_cfg.prefetch_buffer)))
-
-
-def _read_options(data_cfg: ml_collections.ConfigDict) -> grain.ReadOptions:
-  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=int(data_cfg.prefetch_buffer))
 
 
 def _plain_config(data_cfg: ml_collections.ConfigDict) -> types.SimpleNamespace:
@@ -225,16 +160,6 @@ def _render_train_batch(
   return {key: np.stack([sample[key] for sample in samples]) for key in samples[0]}
 
 
-def _block(items: Sequence[Any], *, start: int, size: int) -> list[Any]:
-  """This process's contiguous block of a global batch's items."""
-  return list(items[start:start + size])
-
-
-def _at_step(index: int, sample: dict[str, np.ndarray], *, hook: Callable, local_batch: int) -> dict[str, np.ndarray]:
-  """Call `hook(step, sample)` with the train step this element lands in (one batch per step)."""
-  return hook(index // local_batch, sample)
-
-
 def make_train_iterator(
     data_cfg: ml_collections.ConfigDict, *, global_batch: int, seed: int, process_index: int | None = None,
     process_count: int | None = None, sample_hook: Callable[[int, dict], dict] | None = None,
@@ -243,41 +168,24 @@ def make_train_iterator(
 
   `sample_hook(step, sample) -> sample` (e.g. a curriculum's weights) must be a pure, picklable function of its
   arguments: then the iterator state alone resumes it exactly.
-  A `data_cfg.name` other than "digit_world" is read by its registered module (data/registry.py).
   """
-  if data_cfg.name != "digit_world":
-    return registry.pipeline_of(data_cfg.name).make_train_iterator(
-        data_cfg, global_batch=global_batch, seed=seed, process_index=process_index, process_count=process_count,
-        sample_hook=sample_hook)
   validate_data_config(data_cfg)
-  process_index, process_count = _process_layout(process_index, process_count)
-  local_batch = _local_batch(global_batch, process_count)
+  process_index, process_count = loader.process_layout(process_index, process_count)
+  local_batch = loader.local_batch_size(global_batch, process_count)
   # Every process reads the recipes of the whole global batch (cheap) and renders its contiguous block of it, so the
   # global batch is the same on any number of processes: per-shard computations (the router's groups) match too.
   dataset = train_recipes(data_cfg, seed=seed, process_index=0, process_count=1)
   dataset = dataset.batch(global_batch, drop_remainder=True, batch_fn=functools.partial(
-      _block, start=process_index * local_batch, size=local_batch))
+      loader.block, start=process_index * local_batch, size=local_batch))
   # Then render a whole batch per map call: one grain element per step, not per sample.
   dataset = dataset.map_with_index(functools.partial(_render_train_batch, data_cfg=data_cfg, seed=seed,
                                                      hook=sample_hook))
-  return iter(_maybe_mp_prefetch(dataset.to_iter_dataset(_read_options(data_cfg)), data_cfg))
+  return iter(loader.maybe_mp_prefetch(dataset.to_iter_dataset(loader.read_options(data_cfg)), data_cfg))
 
 
 def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   """Real samples in `split`: what eval metrics divide by (padding has weight 0)."""
-  if data_cfg.name != "digit_world":
-    return registry.pipeline_of(data_cfg.name).num_examples(data_cfg, split)
   return len(RecipeSource(data_cfg, split))
-
-
-def _eval_element(local_position: int, *, source: Any, data_cfg: ml_collections.ConfigDict, split: str,
-                  global_batch: int, local_batch: int, process_index: int) -> dict[str, np.ndarray]:
-  """Sample for slot `local_position` of this process: its slice of each global batch, past the end = padding."""
-  batch, offset = divmod(local_position, local_batch)
-  index = batch * global_batch + process_index * local_batch + offset
-  if index >= len(source):
-    return render.padding_sample(data_cfg)
-  return _render(source[index], data_cfg, int(data_cfg.seed), 0, split)
 
 
 def make_eval_batches(
@@ -289,34 +197,25 @@ def make_eval_batches(
   The last batch is filled with padding samples: zeros, weight 0, every `<m>_present` False, digits -1. Metrics
   ignore them by masking with `weight > 0`; `num_examples(data_cfg, split)` is the count of real samples.
   Rendering uses (data_cfg.seed, epoch 0): the same augmentations on every call.
-  A `data_cfg.name` other than "digit_world" is read by its registered module (data/registry.py).
   """
-  if data_cfg.name != "digit_world":
-    return registry.pipeline_of(data_cfg.name).make_eval_batches(
-        data_cfg, split, batch_size=batch_size, process_index=process_index, process_count=process_count)
   validate_data_config(data_cfg)
-  process_index, process_count = _process_layout(process_index, process_count)
-  local_batch = _local_batch(batch_size, process_count)
-  source = RecipeSource(data_cfg, split)
-  num_batches = math.ceil(len(source) / batch_size)
-  dataset = grain.MapDataset.range(num_batches * local_batch).map(functools.partial(
-      _eval_element, source=source, data_cfg=data_cfg, split=split, global_batch=batch_size,
-      local_batch=local_batch, process_index=process_index))
-  dataset = dataset.batch(local_batch, drop_remainder=True).to_iter_dataset(_read_options(data_cfg))
-  return iter(_maybe_mp_prefetch(dataset, data_cfg))
+  render_eval = functools.partial(_render, data_cfg=data_cfg, split_seed=int(data_cfg.seed), epoch=0, split=split)
+  return loader.eval_batches(RecipeSource(data_cfg, split), data_cfg, complete=render_eval,
+                             padding=render.padding_sample(data_cfg), batch_size=batch_size,
+                             process_index=process_index, process_count=process_count)
 
 
-def record_stats(data_cfg: ml_collections.ConfigDict) -> dict[str, float]:
-  """Bad-record and truncation counts of the data read so far, for results.json (empty where a source keeps none)."""
-  if data_cfg.name == "digit_world":
-    return {}
-  stats = getattr(registry.pipeline_of(data_cfg.name), "record_stats", None)
-  return {} if stats is None else stats(data_cfg)
-
-
-def to_global_batch(
-    local_batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding
-) -> dict[str, jax.Array]:
-  """Assemble every process's local batch into global arrays, sharded along the batch axis by `sharding`."""
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in local_batch.items()}
+def check_split(data_cfg: ml_collections.ConfigDict, split: str) -> None:
+  """Verify `split`'s ArrayRecord files against dataset_info.json (counts, and every chunk's hash up to
+  `verify.FULL_READ_BYTES`); `verify.InputFileError` names the file."""
+  if split not in builder.SPLITS:
+    raise ValueError(f"unknown DigitWorld split {split!r}; choose from {builder.SPLITS}")
+  digit_world = builder.prepare_digit_world(data_cfg)
+  info = digit_world.info.splits[split]
+  directory = pathlib.Path(digit_world.data_dir)
+  paths = sorted(directory.glob(f"{digit_world.name}-{split}.array_record-*"))
+  if len(paths) != len(info.shard_lengths):
+    raise verify.InputFileError(f"split {split!r} in {directory} has {len(paths)} ArrayRecord files, its "
+                                f"dataset_info.json lists {len(info.shard_lengths)}")
+  for path, records in zip(paths, info.shard_lengths):
+    verify.check_array_record(path, records)
