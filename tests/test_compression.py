@@ -57,9 +57,9 @@ def exact_mean(params, batch):
 def compiled(mesh):
   """One jitted compressed value_and_grad per method, with its initial state."""
   out = {}
-  for method in compression.METHODS:  # min_side=0: the small test matrices go low rank, the vector b int8
-    fn = compression.make_compressed_value_and_grad(loss_fn, mesh, method, rank=RANK, block=BLOCK, min_side=0)
-    state = compression.init_compression_state(PARAMS, method, mesh, rank=RANK, block=BLOCK, min_side=0)
+  for method in compression.METHODS:  # target_ratio=8: PowerSGD's budget keeps w and k low rank, b goes int8
+    fn = compression.make_compressed_value_and_grad(loss_fn, mesh, method, rank=RANK, block=BLOCK, target_ratio=8)
+    state = compression.init_compression_state(PARAMS, method, mesh, rank=RANK, block=BLOCK, target_ratio=8)
     out[method] = (jax.jit(fn), state)
   return out
 
@@ -234,6 +234,17 @@ def test_collective_bytes_parses_async_and_tuple_results():
       "all-gather": 64 * 4 * 2, "all-reduce": 10 * 4 + 15, "reduce-scatter": 16, "collective-permute": 3}
 
 
+def test_powersgd_plan_moves_the_narrowest_matrices_to_int8_within_the_byte_budget():
+  """Costs per element: bf16 factor 2, int8 1 + 4/256; all low rank costs 24,328, moving narrow +12,288, mid
+  +30,208, wide +1,048,576; the budget is 4 × 1,098,240 / target_ratio."""
+  leaves = [(name, jax.ShapeDtypeStruct(shape, jnp.float32)) for name, shape in
+            (("vec", (512,)), ("narrow", (512, 32)), ("mid", (256, 128)), ("wide", (1024, 1024)))]
+  for ratio, low in ((200, {"narrow", "mid", "wide"}), (100, {"mid", "wide"}), (50, {"wide"}), (3, set())):
+    plan = compression._powersgd_plan(leaves, rank=4, block=256, target_ratio=ratio)
+    assert set(plan) == low, ratio
+  assert compression._powersgd_plan(leaves, 4, 256, 50)["wide"] == (1024, 1024)
+
+
 POLICY_PARAMS = {"wide": jnp.zeros((64, 96)), "narrow": jnp.zeros((40, 32)), "bias": jnp.zeros((96,))}
 
 
@@ -245,8 +256,9 @@ def policy_loss(params, batch, rng):
 
 
 def test_powersgd_sends_low_rank_bfloat16_factors_and_int8_for_the_rest(mesh):
-  """Per-tensor policy in the compiled HLO: P and Q of the wide matrix as bfloat16 bits, the narrow matrix and the
-  vector in one int8 bucket with float32 block scales; no float32 gradient all-reduce."""
+  """Per-tensor policy in the compiled HLO: P and Q of the wide matrix as bfloat16 bits, the narrow matrix (moved
+  to int8 within the default budget) and the vector in one int8 bucket with float32 block scales; no float32
+  gradient all-reduce, and the bytes are within 1/TARGET_RATIO of a float32 all-reduce."""
   fn = jax.jit(compression.make_compressed_value_and_grad(policy_loss, mesh, "powersgd", block=BLOCK))
   state = compression.init_compression_state(POLICY_PARAMS, "powersgd", mesh, block=BLOCK)
   assert set(state["q"]) == set(state["error"]) == {"wide"} and state["q"]["wide"].shape == (96, 4)
@@ -258,6 +270,8 @@ def test_powersgd_sends_low_rank_bfloat16_factors_and_int8_for_the_rest(mesh):
   int8 = int8_padded + int8_padded // BLOCK * 4
   assert sent["all-to-all"] == sent["all-gather"] == factors + int8
   assert sent["all-reduce"] < 64  # only the loss scalar
+  f32_allreduce = 2 * 4 * sum(x.size for x in jax.tree.leaves(POLICY_PARAMS))  # result bytes of both ring phases
+  assert sent["all-to-all"] + sent["all-gather"] <= f32_allreduce / compression.TARGET_RATIO
   _, grads, new_state = fn(POLICY_PARAMS, batch, state, RNG)
   assert all(bool(jnp.any(g)) for g in jax.tree.leaves(grads))
   assert jax.tree.structure(new_state) == jax.tree.structure(state)

@@ -274,8 +274,9 @@ def run(config: ml_collections.ConfigDict, *, methods: Iterable[str] = compressi
       "trained_f32_allreduce_bytes: one float32 ring all-reduce of the trained params' gradients (a formula, not a "
       "program); the uncompressed GSPMD program sends more where a param is used several times: XLA:CPU has no "
       "all-reduce reassociation pass, so each use's partial gradient is all-reduced before they are summed",
-      "powersgd: low rank (bfloat16 P and Q) for matrices with both sides above compression.min_side, one int8 "
-      "bucket with error feedback for the other trained params",
+      "powersgd: low rank (bfloat16 P and Q) or one int8 bucket with error feedback per trained param: vectors "
+      "int8, then the narrowest matrices move to int8 while the bytes stay within 1/compression.target_ratio of a "
+      "float32 all-reduce of the trained gradients",
       "final_loss: mean of the last 10 step losses; every method sees the same batches and seeds",
       "backend_bf16_collectives: XLA:CPU compiles every bfloat16 collective in float32 (it moves the convert past "
       "the collective), so bf16 sends its bfloat16 bits as uint16 through an all-to-all + all-gather pair",
