@@ -51,6 +51,8 @@ def test_compressed_methods_meet_their_byte_goals_against_the_same_stage_uncompr
     assert methods[method]["bytes_ratio_vs_none"] >= goal, (method, methods[method]["bytes_ratio_vs_none"])
   assert methods["none"]["gradient_dtypes"] == ["f32"]
   assert "u16" in methods["bf16"]["gradient_dtypes"] and "s8" in methods["int8"]["gradient_dtypes"]
+  assert {"u16", "s8"} <= set(methods["powersgd"]["gradient_dtypes"])  # low-rank factors in bf16, the rest int8
+  assert methods["powersgd"]["bytes_ratio_vs_trained_f32_allreduce"] >= comm.GOALS["powersgd"]
   # the uncompressed program reduces every trained gradient in float32: at least 4 bytes per trained param
   assert methods["none"]["gradient_bytes"] >= 2 * 7 / 8 * 4 * stage["trained_params"]
   assert comm_report["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}

@@ -227,17 +227,22 @@ def measure_stage(config: ml_collections.ConfigDict, stage: str, methods: Iterab
     trained = experiment.trained(experiment.plans[0])
     if trained is not None:
       report["trained_params"] = sum(s for s, on in zip(sizes, jax.tree.leaves(trained)) if on)
+      report["trained_f32_allreduce_bytes"] = 4 * report["trained_params"] * _RING_FACTOR["all-reduce"](
+          experiment.mesh.devices.size)
   return compare_to_none(report)
 
 
 def compare_to_none(stage: dict[str, Any]) -> dict[str, Any]:
   """Add each method's `bytes_ratio_vs_none`, `loss_rel_diff_vs_none`, `meets_bytes_goal` and (with losses)
-  `meets_goal` to a stage's report."""
+  `meets_goal` to a stage's report, and, given `trained_f32_allreduce_bytes`, `bytes_ratio_vs_trained_f32_allreduce`."""
   base = stage["methods"].get("none")
   if base is None:
     return stage
   for method, entry in stage["methods"].items():
     entry["bytes_ratio_vs_none"] = base["gradient_bytes"] / max(entry["gradient_bytes"], 1.0)
+    if "trained_f32_allreduce_bytes" in stage:
+      entry["bytes_ratio_vs_trained_f32_allreduce"] = stage["trained_f32_allreduce_bytes"] / max(
+          entry["gradient_bytes"], 1.0)
     if "final_loss" in entry:
       entry["loss_rel_diff_vs_none"] = (entry["final_loss"] - base["final_loss"]) / abs(base["final_loss"])
     if method in GOALS:
@@ -266,6 +271,12 @@ def run(config: ml_collections.ConfigDict, *, methods: Iterable[str] = compressi
       "activation traffic (activation_bytes); read from the compiled HLO",
       "bytes_ratio_vs_none: gradient_bytes of the uncompressed (GSPMD) program of the same stage over the method's; "
       "the compressed methods send only the trained_params (frozen, unused and routed-off params excluded)",
+      "trained_f32_allreduce_bytes: one float32 ring all-reduce of the trained params' gradients (a formula, not a "
+      "program); the uncompressed GSPMD program sends more where a param is used several times: XLA:CPU has no "
+      "all-reduce reassociation pass, so each use's partial gradient is all-reduced before they are summed",
+      "powersgd: low rank (bfloat16 P and Q) or one int8 bucket with error feedback per trained param: vectors "
+      "int8, then the narrowest matrices move to int8 while the bytes stay within 1/compression.target_ratio of a "
+      "float32 all-reduce of the trained gradients",
       "final_loss: mean of the last 10 step losses; every method sees the same batches and seeds",
       "backend_bf16_collectives: XLA:CPU compiles every bfloat16 collective in float32 (it moves the convert past "
       "the collective), so bf16 sends its bfloat16 bits as uint16 through an all-to-all + all-gather pair",

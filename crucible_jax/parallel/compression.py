@@ -12,9 +12,12 @@ flattened into one bucket per kind so the collective count stays small:
             grad + residual before the all-to-all, phase 2 re-quantises the mean chunk (with its own residual)
             before the all-gather; about 2 (n-1)/n bytes per element. Per element, the first step's error is at
             most (mean_i absmax_i + absmax of the mean) / 254 of its block.
-  powersgd  rank-r PowerSGD (Vogels et al. 2019): one power iteration warm-started from the persistent Q, error
-            feedback; each tensor is viewed as its most square (rows, cols) split; all P's go in one float32
-            all-reduce with the tensors rank r would not shrink (sent exactly), all Q's in another.
+  powersgd  rank-r PowerSGD (Vogels et al. 2019) where low rank suits a tensor, int8 elsewhere: each tensor is
+            viewed as its most square (rows, cols) split and goes low rank (one power iteration warm-started from
+            the persistent Q, P and Q each a bfloat16 bucket sent as above, error feedback against the applied
+            approximation) or through one int8 bucket as in `int8`. Vectors go int8; then, narrowest first (rank r
+            holds the least of a narrow matrix's gradient), matrices move to int8 while the bytes stay within
+            1/`target_ratio` of a float32 all-reduce of the trained gradients (`_powersgd_plan`).
 Residuals are per device, stored as global arrays with a leading device dim sharded over the data axes, so they
 survive jit, donation and checkpoints like any other state. Loss and aux come back as global means (integer
 aux leaves, e.g. counts, as global sums).
@@ -33,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from crucible_jax.parallel.mesh import data_axes, num_data_shards
 
 METHODS = ("none", "bf16", "int8", "powersgd")
+TARGET_RATIO = 9.0  # PowerSGD's byte budget: this many times fewer than a float32 all-reduce of the trained grads
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 
 
@@ -78,13 +82,36 @@ def _selected(tree: Any, trained: Any | None) -> list[tuple[str, Any]]:
   return [(_path_name(path), leaf) for (path, leaf), keep in zip(flat, mask) if keep]
 
 
-def _matrix_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int] | None:
-  """The most square (rows, cols) split PowerSGD compresses a leaf of `shape` as, or None to send it as is."""
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
+  """The most square (rows, cols) split PowerSGD views a leaf of `shape` as; None for scalars and vectors."""
   splits = [(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))]
-  if not splits:
-    return None
-  rows, cols = min(splits, key=sum)
-  return (rows, cols) if (rows + cols) * min(rank, rows, cols) < rows * cols else None
+  return min(splits, key=sum) if splits else None
+
+
+def _powersgd_plan(leaves: list[tuple[str, Any]], rank: int, block: int,
+                   target_ratio: float) -> dict[str, tuple[int, int]]:
+  """The (rows, cols) view of each leaf PowerSGD sends low rank; the others go int8.
+
+  Costs per element, both phases alike: float32 4 bytes, a bfloat16 factor 2, int8 1 + 4/block (its scale). Every
+  matrix that rank `rank` shrinks starts low rank; then, narrowest first, each moves to int8 if the total stays
+  within 4 × (trained elements) / `target_ratio`.
+  """
+  int8 = 1 + 4 / block
+  low, cost = {}, 0.0
+  for name, leaf in leaves:
+    size, matrix = math.prod(leaf.shape), _matrix_shape(tuple(leaf.shape))
+    if matrix is not None and sum(matrix) * min(rank, *matrix) < size:
+      low[name] = matrix
+      cost += 2 * sum(matrix) * min(rank, *matrix)
+    else:
+      cost += int8 * size
+  budget = 4 * sum(math.prod(leaf.shape) for _, leaf in leaves) / target_ratio
+  for name, (rows, cols) in sorted(low.items(), key=lambda kv: (min(kv[1]), math.prod(kv[1]))):
+    change = int8 * rows * cols - 2 * (rows + cols) * min(rank, rows, cols)
+    if cost + change <= budget:
+      del low[name]
+      cost += change
+  return low
 
 
 def _bucket_sizes(num_elements: int, n: int, block: int) -> tuple[int, int]:
@@ -93,28 +120,32 @@ def _bucket_sizes(num_elements: int, n: int, block: int) -> tuple[int, int]:
   return padded, padded // n
 
 
-def _state_shapes(params: Any, method: str, n: int, rank: int, block: int, trained: Any | None) -> dict[str, Any]:
+def _int8_shapes(leaves: list[tuple[str, Any]], n: int, block: int) -> dict[str, tuple[int, int]]:
+  padded, chunk = _bucket_sizes(sum(math.prod(x.shape) for _, x in leaves), n, block)
+  return {"error": (n, padded), "chunk_error": (n, chunk)}
+
+
+def _state_shapes(params: Any, method: str, n: int, rank: int, block: int, trained: Any | None,
+                  target_ratio: float) -> dict[str, Any]:
   """Shapes of the compression state: error buffers lead with the device dim n."""
   leaves = _selected(params, trained)
   if method == "int8":
-    padded, chunk = _bucket_sizes(sum(math.prod(x.shape) for _, x in leaves), n, block)
-    return {"error": (n, padded), "chunk_error": (n, chunk)}
+    return _int8_shapes(leaves, n, block)
   if method == "powersgd":
-    error, q = {}, {}
-    for name, leaf in leaves:
-      matrix = _matrix_shape(tuple(leaf.shape), rank)
-      if matrix is not None:
-        error[name] = (n, *leaf.shape)
-        q[name] = (matrix[1], min(rank, *matrix))
-    return {"error": error, "q": q}
+    low = _powersgd_plan(leaves, rank, block, target_ratio)
+    error = {name: (n, *leaf.shape) for name, leaf in leaves if name in low}
+    q = {name: (cols, min(rank, rows, cols)) for name, (rows, cols) in low.items()}
+    rest = [(name, leaf) for name, leaf in leaves if name not in low]
+    return {"error": error, "q": q, "int8": _int8_shapes(rest, n, block)}
   return {}
 
 
 def _state_specs(method: str) -> dict[str, Any]:
+  int8 = {"error": P(data_axes()), "chunk_error": P(data_axes())}
   if method == "int8":
-    return {"error": P(data_axes()), "chunk_error": P(data_axes())}
+    return int8
   if method == "powersgd":
-    return {"error": P(data_axes()), "q": P()}
+    return {"error": P(data_axes()), "q": P(), "int8": int8}
   return {}
 
 
@@ -125,33 +156,36 @@ def _error_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def compression_state_shardings(params: Any, method: str, mesh: Mesh, *, trained: Any | None = None, rank: int = 4,
-                                block: int = 256) -> dict[str, Any]:
+                                block: int = 256, target_ratio: float = TARGET_RATIO) -> dict[str, Any]:
   """Shardings of `init_compression_state`'s output, without allocating it (for jit out_shardings)."""
-  shapes = _state_shapes(params, method, num_data_shards(mesh), rank, block, trained)
+  shapes = _state_shapes(params, method, num_data_shards(mesh), rank, block, trained, target_ratio)
   errors, replicated = _error_sharding(mesh), NamedSharding(mesh, P())
   if method == "int8":
     return {k: errors for k in shapes}
   if method == "powersgd":
-    return {"error": {k: errors for k in shapes["error"]}, "q": {k: replicated for k in shapes["q"]}}
+    return {"error": {k: errors for k in shapes["error"]}, "q": {k: replicated for k in shapes["q"]},
+            "int8": {k: errors for k in shapes["int8"]}}
   return {}
 
 
 def init_compression_state(params: Any, method: str, mesh: Mesh, *, trained: Any | None = None, rank: int = 4,
-                           seed: int = 0, block: int = 256) -> dict[str, Any]:
+                           seed: int = 0, block: int = 256, target_ratio: float = TARGET_RATIO) -> dict[str, Any]:
   """Zero residuals (sharded over the data axes) and random PowerSGD Q (replicated) for the `trained` params
   (None: all); {} for none/bf16."""
   _check_method(method, mesh)
-  shapes = _state_shapes(params, method, num_data_shards(mesh), rank, block, trained)
+  shapes = _state_shapes(params, method, num_data_shards(mesh), rank, block, trained, target_ratio)
   errors = _error_sharding(mesh)
+  zeros = lambda tree: {k: jnp.zeros(s, jnp.float32, device=errors) for k, s in tree.items()}
   state: dict[str, Any] = {}
   if method == "int8":
-    state = {k: jnp.zeros(shape, jnp.float32, device=errors) for k, shape in shapes.items()}
+    state = zeros(shapes)
   elif method == "powersgd":
     keys = jax.random.split(jax.random.key(seed), max(len(shapes["q"]), 1))
     state = {
-        "error": {k: jnp.zeros(s, jnp.float32, device=errors) for k, s in shapes["error"].items()},
+        "error": zeros(shapes["error"]),
         "q": {k: jax.device_put(jax.random.normal(key, s, jnp.float32), NamedSharding(mesh, P()))
               for key, (k, s) in zip(keys, shapes["q"].items())},
+        "int8": zeros(shapes["int8"]),
     }
   return state
 
@@ -232,27 +266,29 @@ def _pmean_bucket(arrays: list[jax.Array]) -> list[jax.Array]:
   return _unflatten(jax.lax.pmean(_flatten(arrays, size), data_axes()), arrays)
 
 
-def _powersgd_leaves(named: list[tuple[str, jax.Array]], state: dict[str, Any],
-                     rank: int) -> tuple[list[jax.Array], dict[str, Any]]:
-  """Rank-`rank` PowerSGD means of the named leaves with error feedback and warm-started Q. Two float32
-  all-reduces: the P's with the leaves rank `rank` would not shrink (sent exactly), then the Q's."""
+def _powersgd_leaves(named: list[tuple[str, jax.Array]], state: dict[str, Any], n: int,
+                     block: int) -> tuple[list[jax.Array], dict[str, Any]]:
+  """Means of the named leaves over the data axes: low-rank PowerSGD with error feedback and warm-started Q
+  for the leaves in `state["q"]` (P's, then Q's, each one bfloat16 bucket), one int8 bucket for the rest."""
   low = [i for i, (k, _) in enumerate(named) if k in state["q"]]
   rest = [i for i, (k, _) in enumerate(named) if k not in state["q"]]
-  m = {i: (named[i][1].astype(jnp.float32) + state["error"][named[i][0]][0]).reshape(
-      _matrix_shape(named[i][1].shape, rank)) for i in low}
-  reduced = _pmean_bucket([m[i] @ state["q"][named[i][0]] for i in low] + [named[i][1] for i in rest])
   out: list[Any] = [None] * len(named)
-  for i, mean in zip(rest, reduced[len(low):]):
-    out[i] = mean
-  p = {i: jnp.linalg.qr(x)[0] for i, x in zip(low, reduced)}
-  own_q = {i: m[i].T @ p[i] for i in low}
+  int8_state = state["int8"]
+  if rest:
+    rest_means, int8_state = _int8_leaves([named[i][1] for i in rest], int8_state, n, block)
+    for i, mean in zip(rest, rest_means):
+      out[i] = mean
+  m = {i: (named[i][1].astype(jnp.float32) + state["error"][named[i][0]][0]).reshape(
+      _matrix_shape(named[i][1].shape)) for i in low}
+  p = {i: jnp.linalg.qr(x)[0] for i, x in zip(low, _bf16_leaves([m[i] @ state["q"][named[i][0]] for i in low], n))}
   error, new_q = {}, {}
-  for i, q in zip(low, _pmean_bucket([own_q[i] for i in low])):
+  for i, q in zip(low, _bf16_leaves([m[i].T @ p[i] for i in low], n)):
     name, g = named[i]
-    error[name] = (m[i] - p[i] @ own_q[i].T).reshape(g.shape)[None]  # what this device's own contribution lost
+    approx = p[i] @ q.T
+    error[name] = (m[i] - approx).reshape(g.shape)[None]  # the mean residual is exactly what was not applied
     new_q[name] = q
-    out[i] = (p[i] @ q.T).reshape(g.shape).astype(g.dtype)
-  return out, {"error": error, "q": new_q}
+    out[i] = approx.reshape(g.shape).astype(g.dtype)
+  return out, {"error": error, "q": new_q, "int8": int8_state}
 
 
 def _global_aux(aux: Any) -> Any:
@@ -263,16 +299,18 @@ def _global_aux(aux: Any) -> Any:
 
 
 def make_compressed_value_and_grad(loss_fn: LossFn, mesh: Mesh, method: str, *, trained: Any | None = None,
-                                   rank: int = 4, block: int = 256
+                                   rank: int = 4, block: int = 256, target_ratio: float = TARGET_RATIO
                                    ) -> Callable[..., tuple[tuple[jax.Array, Any], Any, Any]]:
   """fn(params, batch, comp_state, rng) -> ((loss, aux), grads, new_comp_state), grads = global mean.
 
   `loss_fn(params, batch, rng) -> (loss, aux)` sees the local batch shard and a per-shard rng. Only the `trained`
   params (a bool pytree from `trained_leaves`; None: all) are communicated; the others' gradients are zero.
+  PowerSGD keeps its bytes within 1/`target_ratio` of a float32 all-reduce of the trained grads (`_powersgd_plan`).
   """
   _check_method(method, mesh)
-  if rank < 1 or block < 1:
-    raise ValueError(f"rank and block must be positive, got rank={rank}, block={block}")
+  if rank < 1 or block < 1 or target_ratio <= 0:
+    raise ValueError(f"rank, block and target_ratio must be positive, got rank={rank}, block={block}, "
+                     f"target_ratio={target_ratio}")
   axes, n = data_axes(), num_data_shards(mesh)
 
   def local(params, batch, comp_state, rng):
@@ -289,7 +327,7 @@ def make_compressed_value_and_grad(loss_fn: LossFn, mesh: Mesh, method: str, *, 
     elif method == "int8":
       means, comp_state = _int8_leaves(leaves, comp_state, n, block)
     else:
-      means, comp_state = _powersgd_leaves(send, comp_state, rank)
+      means, comp_state = _powersgd_leaves(send, comp_state, n, block)
     means = iter(means)
     # An untrained leaf's gradient is zero on every device: a constant zero, nothing sent.
     out = [next(means) if on else jnp.zeros(g.shape, g.dtype) for g, on in zip(flat, keep)]
@@ -302,10 +340,12 @@ def make_compressed_value_and_grad(loss_fn: LossFn, mesh: Mesh, method: str, *, 
                          out_specs=((P(), P()), P(), specs), check_vma=False)
 
   def value_and_grad(params, batch, comp_state, rng):
-    expected = _state_shapes(params, method, n, rank, block, trained)
+    expected = _state_shapes(params, method, n, rank, block, trained, target_ratio)
     actual = jax.tree.map(lambda x: tuple(x.shape), comp_state)
     if actual != expected:
-      raise ValueError(f"comp_state does not fit method {method!r} (rank={rank}, block={block}) and these params: "
+      raise ValueError(f"comp_state does not fit method {method!r} (rank={rank}, block={block}, "
+                       f"target_ratio={target_ratio}) "
+                       f"and these params: "
                        f"got {actual}, expected {expected}; build it with init_compression_state")
     return mapped(params, batch, comp_state, rng)
 

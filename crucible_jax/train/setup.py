@@ -146,7 +146,8 @@ class Experiment:
 
   def _compression_args(self, trained: Any | None) -> dict[str, Any]:
     comp_cfg = self.config.compression
-    return dict(trained=trained, rank=comp_cfg.rank, block=comp_cfg.get("block", 256))
+    return dict(trained=trained, rank=comp_cfg.rank, block=comp_cfg.get("block", 256),
+                target_ratio=comp_cfg.get("target_ratio", compression.TARGET_RATIO))
 
   def state_layout(self, tx: optax.GradientTransformation,
                    trained: Any | None = None) -> tuple[TrainState, Callable, TrainState]:
