@@ -21,7 +21,7 @@ from crucible_jax.common_types import MODALITIES
 from crucible_jax.data import registry
 from crucible_jax.data.tokenizers import tokenizer_of
 from crucible_jax.models.lora import run_adapters
-from crucible_jax.parallel import precision
+from crucible_jax.parallel import compression, precision
 
 STAGE_NAMES = ("unimodal", "align", "joint")
 NAN_POLICIES = ("skip", "abort")
@@ -155,6 +155,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"model.converter.image_target='reference' draws the source's reference glyphs; data.name="
                       f"{config.data.get('name')!r} registers none (use 'sample')")
   _validate_mesh(config)
+  _validate_compression(config)
   _validate_modalities(config)
   _validate_stages(config)
   tokenizer = config.data.get("tokenizer", {}).get("kind", "byte")
@@ -182,6 +183,18 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"batch_size={config.batch_size} is not divisible by mesh data×fsdp={math.prod(batch_axes)}")
   if fixed <= 0:
     raise ConfigError(f"mesh sizes must be positive, got {sizes}")
+
+
+def _validate_compression(config: ml_collections.ConfigDict) -> None:
+  comp = dict(config.get("compression", {}))
+  if comp.get("method", "none") not in compression.METHODS:
+    raise ConfigError(f"compression.method must be one of {compression.METHODS}, got {comp['method']!r}")
+  rank = comp.get("rank", 1)
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ConfigError(f"compression.rank must be an integer >= 1, got {rank!r}")
+  ratio = comp.get("target_ratio", compression.TARGET_RATIO)
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
+    raise ConfigError(f"compression.target_ratio must be a number > 1, got {ratio!r}")
 
 
 def _validate_modalities(config: ml_collections.ConfigDict) -> None:

@@ -7,6 +7,7 @@ import ml_collections
 
 from crucible_jax.data.digit_world.config import default_data_config
 from crucible_jax.models import default_model_config
+from crucible_jax.parallel.compression import default_compression_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -30,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=1, fsdp=1, tensor=1)  # one device: the benchmark measures one chip against its own peak
   c.sharding = dict(layout="dp")
   c.precision = dict(compute="float32", params="float32")
-  c.compression = dict(method="none", rank=4)
+  c.compression = default_compression_config()
   c.loss_kind = "clip"
   c.nan_policy = "skip"
   c.optim = dict(b1=0.9, b2=0.98, weight_decay=1e-4, clip_norm=1.0, groups={}, lr_scale={})

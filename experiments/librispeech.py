@@ -18,6 +18,7 @@ import ml_collections
 
 from crucible_jax.data.benchmarks import benchmark_data_config
 from crucible_jax.models import default_model_config
+from crucible_jax.parallel.compression import default_compression_config
 
 VARIANTS = ("tiny",)
 
@@ -48,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1)  # device mesh sizes; -1 fills the remaining devices
   c.sharding = dict(layout="dp")  # logical axis rules: dp | fsdp | fsdp_tp
   c.precision = dict(compute="bfloat16", params="float32")  # bf16 activations/matmuls, f32 master params
-  c.compression = dict(method="none", rank=4)  # data-parallel gradient reduction: none|bf16|int8|powersgd
+  c.compression = default_compression_config()
   c.loss_kind = "clip"  # contrastive loss: clip (softmax InfoNCE) | siglip (sigmoid)
   c.nan_policy = "skip"  # non-finite loss/grad: skip the update (counted) | abort
   c.optim = dict(b1=0.9, b2=0.98, weight_decay=0.05, clip_norm=1.0, groups={}, lr_scale={})  # AdamW

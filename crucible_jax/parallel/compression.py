@@ -37,6 +37,12 @@ from crucible_jax.parallel.mesh import data_axes, num_data_shards
 
 METHODS = ("none", "bf16", "int8", "powersgd")
 TARGET_RATIO = 9.0  # PowerSGD's byte budget: this many times fewer than a float32 all-reduce of the trained grads
+
+
+def default_compression_config() -> dict[str, Any]:
+  """`config.compression`: the data-parallel gradient reduction (method one of METHODS; rank and byte budget of
+  PowerSGD)."""
+  return dict(method="none", rank=4, target_ratio=TARGET_RATIO)
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 
 
