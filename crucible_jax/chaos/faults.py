@@ -92,12 +92,12 @@ def _finishes_identically(ctx: Context, name: str, workdir: pathlib.Path, *extra
 
 
 def kill_points(ctx: Context, n: int) -> list[tuple[str, int]]:
-  """`n` (point, global step) pairs, ascending: the first save (killed while writing), the first stage's end save,
-  the next stage's first step, then random steps and saves."""
+  """`n` (point, global step) pairs, ascending: the first save (killed while writing), then at each stage boundary
+  the ending stage's save and the next stage's first step, then random steps and saves."""
   plans = plan_stages(ctx.config)
   fixed = [("save", ctx.saves[0])]
-  if len(plans) > 1:
-    fixed += [("save", plans[0].end), ("step", plans[1].start + 1)]
+  for ending, starting in zip(plans, plans[1:]):
+    fixed += [("save", ending.end), ("step", starting.start + 1)]
   chosen = dict.fromkeys(fixed[:n])
   candidates = [("step", s) for s in range(1, ctx.total)] + [("save", s) for s in ctx.saves]
   taken = {s for _, s in chosen}
