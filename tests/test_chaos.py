@@ -1,12 +1,13 @@
 """`crucible chaos` (issue 24, part 3): each fault of the campaign, on real `crucible train` children of a micro run
 (DigitWorld :tiny, image only, one stage of 8 steps, a checkpoint every 2, int8-compressed gradients on conftest's 8
-CPU devices), against one uninterrupted reference run shared by the module.
+CPU devices), against one uninterrupted reference run shared by the module. Kills, an inf gradient, a full disk and
+a damaged checkpoint share one workdir (`faults.combined`); the children share one compilation cache (`Runner`).
 
 Faults already covered in-process elsewhere: a poisoned / scrambled / missing checkpoint file and an ENOSPC failing
 the background save (tests/test_integrity.py), a truncated ArrayRecord split (test_integrity), a bad own-data file or
 shard member, named or counted under `on_bad_record="skip"` (tests/test_own_data.py), the NaN policies on a diverging
-run (tests/test_train.py). Here each fault runs end to end as the campaign runs it, and its rerun must finish with
-results and logged losses identical to the reference's.
+run (tests/test_train.py). Here each fault runs end to end through the campaign's checks, and the final rerun must
+finish with results and logged losses identical to the reference's.
 """
 
 import pathlib
@@ -58,17 +59,25 @@ def test_kill_points_on_the_three_stage_tiny_run_cross_both_stage_boundaries(tmp
   config = load_experiment(CONFIG, [])  # 3 stages of 30 steps, a save every 20 and at each stage's end
   tiny = faults_lib.Context(Runner(CONFIG, [], tmp_path, env={}), config, tmp_path, {}, np.random.default_rng(0))
   assert tiny.saves == [20, 30, 40, 60, 80, 90]
-  points = faults_lib.kill_points(tiny, 5)
-  assert points[:3] == [("save", 20), ("save", 30), ("step", 31)] and len({s for _, s in points}) == 5, points
+  points = faults_lib.kill_points(tiny, 6)
+  boundaries = {("save", 20), ("save", 30), ("step", 31), ("save", 60), ("step", 61)}  # the first save, both stage ends
+  assert boundaries < set(points) and len({s for _, s in points}) == 6 and points == sorted(points, key=lambda p: p[1])
 
 
-def test_kill9_during_two_async_saves_resumes_to_identical_results(ctx):
-  # save@6 first waits for save 4 to commit, so the final run must resume from 4: int8's error feedback is restored.
-  trials = faults_lib.kill9(ctx, None, points=[("save", 2), ("save", 6)])
+def test_kills_in_saves_an_inf_gradient_a_full_disk_and_a_truncated_checkpoint_in_one_workdir_finish_identically(
+    ctx):
+  trials = faults_lib.combined(ctx)
   _passed(trials)
-  assert all(f"save of step {s} uncommitted: True" in t.detail for t, s in zip(trials, (2, 6))), trials
-  assert "the next run resumed from global step 4" in trials[1].detail, trials
-  assert "results and logged losses identical" in trials[1].detail
+  assert [(t.fault, t.name) for t in trials] == [("kill9", "save@2"), ("kill9", "save@6"), ("nan", "inf_grad@3 abort"),
+                                                 ("enospc", "save of step 4"), ("corrupt_ckpt", "truncate step 4")]
+  kill_first, kill_third, inf, disk_full, corrupt = trials
+  assert "save of step 2 uncommitted: True" in kill_first.detail and "resumed from global step 0" in kill_first.detail
+  # save@6 first waits for save 4 to commit; 4 is then truncated, so the final run resumes mid-stage from 2 and
+  # int8's error feedback is restored from a checkpoint.
+  assert "save of step 6 uncommitted: True" in kill_third.detail and "resumed from global step 2" in kill_third.detail
+  assert "nan_policy='abort'" in inf.detail and "newest checkpoint [2] predates step 3: True" in inf.detail
+  assert "no space left on device" in disk_full.detail and "step 2, is untouched" in disk_full.detail
+  assert "and step 2: True" in corrupt.detail and "results and logged losses identical" in corrupt.detail
 
 
 def test_powersgd_killed_during_a_save_resumes_with_its_error_feedback_to_identical_results(ctx):
@@ -77,30 +86,16 @@ def test_powersgd_killed_during_a_save_resumes_with_its_error_feedback_to_identi
   assert "resumed from global step 2" in trial.detail, trial
 
 
-def test_truncated_newest_checkpoint_falls_back_with_a_warning_and_finishes_identically(ctx):
-  (trial,) = faults_lib.corrupt_ckpt(ctx, 1)
-  _passed([trial])
-  assert trial.name == "truncate step 8" and "and step 6: True" in trial.detail, trial
-
-
-def test_disk_full_during_a_save_is_named_keeps_the_previous_checkpoint_and_a_rerun_resumes(ctx):
-  (trial,) = faults_lib.enospc(ctx, 1)
-  _passed([trial])
-  assert "no space left on device" in trial.detail and "step 2, is untouched" in trial.detail, trial
-
-
 def test_a_byte_flipped_shard_is_named_before_the_first_step(ctx):
   (trial,) = faults_lib.bad_shard(ctx, None, damages=("flip",))
   _passed([trial])
   assert "is corrupt" in trial.detail and "checkpoints written: []" in trial.detail, trial
 
 
-def test_nan_batch_is_skipped_and_counted_and_an_inf_gradient_aborts_before_its_step_is_saved(ctx):
-  trials = faults_lib.nan(ctx, 2)
-  _passed(trials)
-  assert [t.name for t in trials] == ["nan_batch@3 skip", "inf_grad@3 abort"]
-  assert "skipped steps logged: 1" in trials[0].detail
-  assert "nan_policy='abort'" in trials[1].detail and "newest checkpoint [2] predates step 3: True" in trials[1].detail
+def test_a_nan_batch_is_skipped_and_counted(ctx):
+  (trial,) = faults_lib.nan(ctx, 1)
+  _passed([trial])
+  assert trial.name == "nan_batch@3 skip" and "skipped steps logged: 1" in trial.detail, trial
 
 
 def test_fault_specs_are_checked():

@@ -6,8 +6,10 @@ Every job is started by `crucible_jax.parallel.launch.spawn` (each child joins w
 `full`: the whole `tiny,routed` run (three stages, four modalities, the router on, every evaluator, the held-out
 speaker split) with 3 steps per stage, once, against the same run on one process.
 
-`chain`: an image-only one-stage run (cheap to compile, so four launches stay affordable), in one workdir:
+`chain`: an image-only one-stage run (cheap to compile, so five launches stay affordable), in one workdir:
   sigterm     SIGTERM to process 1 only, early in training: both stop at one step, save, exit 0;
+  launcher    resumed through `python -m crucible_jax.parallel.launch`; SIGTERM to the launcher two steps later:
+              it forwards it to both, they stop at one step and save, and every process exits 0;
   save_death  resumed; process 1 dies right after starting a checkpoint save (CRUCIBLE_FAULT=1:save);
   eval_death  resumed; process 1 dies at the start of evaluation (CRUCIBLE_FAULT=1:eval);
   resumed     resumed cleanly from whatever the faults left: every step's loss and the results must match an
@@ -22,6 +24,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -61,6 +64,24 @@ def _spawn(root: pathlib.Path, name: str, argv: list[str], fault: str | None = N
   finally:
     for log in logs:
       log.close()
+
+
+def _launcher(root: pathlib.Path, name: str, argv: list[str]) -> subprocess.Popen:
+  """The launcher process of a 2-process `crucible ARGV` job, the way users start one; both children log to it."""
+  with open(root / f"{name}.log", "w") as log:
+    return subprocess.Popen([sys.executable, "-m", "crucible_jax.parallel.launch", "--num-processes", "2",
+                             "--cpu-devices", "4", "--port", str(_free_port()), "--heartbeat-timeout", str(HEARTBEAT_S),
+                             "--", *argv], stdout=log, stderr=subprocess.STDOUT)
+
+
+def _sigterm_after(procs: list[subprocess.Popen], target: subprocess.Popen, workdir: pathlib.Path, step: int,
+                   log: pathlib.Path) -> None:
+  """Send SIGTERM to `target` once metrics.jsonl has logged global step `step`."""
+  deadline = time.monotonic() + JOB_TIMEOUT_S
+  while not (workdir / "metrics.jsonl").exists() or max(_losses(workdir), default=0) < step:
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), log.read_text()[-3000:]
+    time.sleep(0.05)
+  target.send_signal(signal.SIGTERM)
 
 
 def _train_argv(workdir: pathlib.Path, overrides: list[str] = CHAIN) -> list[str]:
@@ -131,14 +152,18 @@ def chain(tmp_path_factory):
   out = {"root": root, "workdir": workdir}
   procs = _spawn(root, "sigterm", _train_argv(workdir))
   try:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not (workdir / "metrics.jsonl").exists() or len(_losses(workdir)) < SIGTERM_AFTER:
-      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), _logs(root, "sigterm")[0][-3000:]
-      time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)
+    _sigterm_after(procs, procs[1], workdir, SIGTERM_AFTER, root / "sigterm0.log")
   finally:
     out["sigterm_rcs"] = _wait(procs)
   out["sigterm_logs"] = _logs(root, "sigterm")
+  out["sigterm_committed"] = _committed(workdir)
+  launcher = _launcher(root, "launcher", _train_argv(workdir))
+  try:
+    _sigterm_after([launcher], launcher, workdir, max(_losses(workdir)) + SIGTERM_AFTER, root / "launcher.log")
+  finally:
+    out["launcher_rc"] = _wait([launcher])[0]
+  out["launcher_log"] = (root / "launcher.log").read_text()
+  out["launcher_committed"] = _committed(workdir)
   out["save_death"] = _faulted(root, workdir, "save_death", "save")
   out["eval_death"] = _faulted(root, workdir, "eval_death", "eval")
   out["resumed_rcs"] = _wait(_spawn(root, "resumed", _train_argv(workdir)))
@@ -171,6 +196,17 @@ def test_sigterm_to_one_process_stops_both_at_one_step_with_one_checkpoint(chain
   steps = [re.findall(r"SIGTERM: checkpoint saved at global step (\d+)", log) for log in chain["sigterm_logs"]]
   assert steps[0] == steps[1] and len(steps[0]) == 1, steps
   assert SIGTERM_AFTER <= int(steps[0][0]) < CHAIN_STEPS  # stopped mid-run: the faults below have saves to die in
+
+
+def test_sigterm_to_the_launcher_stops_every_process_at_one_step_with_one_checkpoint(chain):
+  log = chain["launcher_log"]
+  assert chain["launcher_rc"] == 0, log[-3000:]
+  steps = re.findall(r"SIGTERM: checkpoint saved at global step (\d+)", log)
+  assert len(steps) == 2 and steps[0] == steps[1], steps  # one line per process, the same step
+  stop, first_stop = int(steps[0]), chain["sigterm_committed"][-1]
+  assert first_stop + SIGTERM_AFTER <= stop < CHAIN_STEPS - 2  # mid-run, with a save left for save_death to die in
+  assert chain["launcher_committed"][-1] == stop  # the agreed step's checkpoint, written by both together
+  assert "launch: job failed" not in log
 
 
 @pytest.mark.parametrize("fault", ["save_death", "eval_death"])

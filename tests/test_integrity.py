@@ -16,8 +16,9 @@ from orbax.checkpoint._src.path import atomicity
 from crucible_jax import cli
 from crucible_jax.config import load_experiment
 from crucible_jax.data.digit_world import prepare_digit_world
+from crucible_jax.train import checkpoint as checkpoint_lib
 from crucible_jax.train.checkpoint import Checkpointer, CheckpointError
-from crucible_jax.train.integrity import MANIFEST
+from crucible_jax.train.integrity import CHECKSUMMED_MARK, MANIFEST
 from crucible_jax.train.loop import Trainer
 from crucible_jax.train.workdir import config_diff
 
@@ -130,6 +131,45 @@ def test_no_intact_checkpoint_is_an_error_and_nothing_is_moved(trained, tmp_path
   finally:
     checkpointer.close()
   assert not (workdir / "checkpoints_rejected").exists()
+
+
+class _Killed(BaseException):
+  """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_a_first_save_killed_between_commit_and_manifest_is_set_aside_and_the_rerun_starts_afresh(
+    trained, data_dir, tmp_path, monkeypatch, capsys):
+  def killed(step_dir):
+    raise _Killed(step_dir)
+
+  monkeypatch.setattr(checkpoint_lib, "write_manifest", killed)
+  with pytest.raises(_Killed):
+    _train(data_dir, tmp_path)
+  monkeypatch.undo()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", CHECKSUMMED_MARK]  # committed by orbax
+  capsys.readouterr()
+  results = _train(data_dir, tmp_path)
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+  assert len(warnings) == 1 and "starting from scratch: step 2: " in warnings[0] and "its save never completed" \
+      in warnings[0], warnings
+  reference = json.loads((trained / "results.json").read_text())
+  assert {k: v for k, v in results.items() if k != "wall_s"} == {k: v for k, v in reference.items() if k != "wall_s"}
+  assert (tmp_path / "checkpoints_rejected" / "2").is_dir()
+
+
+def test_steps_older_than_manifests_are_accepted_unverified_and_newer_ones_are_not(trained, tmp_path):
+  workdir = _copy(trained, tmp_path)
+  (workdir / "checkpoints" / "6" / MANIFEST).unlink()
+  (workdir / "checkpoints" / "4" / MANIFEST).unlink()
+  (workdir / "checkpoints" / CHECKSUMMED_MARK).unlink()  # a workdir of the code before manifests
+  checkpointer = Checkpointer(workdir, keep=2, read_only=True)
+  assert checkpointer.resume_point()[0] == 6
+  (workdir / "checkpoints" / CHECKSUMMED_MARK).write_text('{"from_step": 6}')  # resumed by today's code at step 6
+  assert checkpointer.resume_point()[0] == 4
+  (workdir / "checkpoints" / CHECKSUMMED_MARK).write_text('{"from": 6}')
+  with pytest.raises(ValueError, match=f"{CHECKSUMMED_MARK}: unreadable"):
+    checkpointer.resume_point()
+  checkpointer.close()
 
 
 def test_non_finite_state_is_never_saved(tmp_path):

@@ -92,12 +92,12 @@ def _finishes_identically(ctx: Context, name: str, workdir: pathlib.Path, *extra
 
 
 def kill_points(ctx: Context, n: int) -> list[tuple[str, int]]:
-  """`n` (point, global step) pairs, ascending: the first save (killed while writing), the first stage's end save,
-  the next stage's first step, then random steps and saves."""
+  """`n` (point, global step) pairs, ascending: the first save (killed while writing), then at each stage boundary
+  the ending stage's save and the next stage's first step, then random steps and saves."""
   plans = plan_stages(ctx.config)
   fixed = [("save", ctx.saves[0])]
-  if len(plans) > 1:
-    fixed += [("save", plans[0].end), ("step", plans[1].start + 1)]
+  for ending, starting in zip(plans, plans[1:]):
+    fixed += [("save", ending.end), ("step", starting.start + 1)]
   chosen = dict.fromkeys(fixed[:n])
   candidates = [("step", s) for s in range(1, ctx.total)] + [("save", s) for s in ctx.saves]
   taken = {s for _, s in chosen}
@@ -150,20 +150,31 @@ def _largest_file(step_dir: pathlib.Path) -> pathlib.Path:
   return max((p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST), key=lambda p: p.stat().st_size)
 
 
+def _damage_newest(workdir: pathlib.Path, damage: str) -> tuple[pathlib.Path, int, int]:
+  """Damage the largest file of the newest verified step: (that file, the step, the previous verified step)."""
+  newest, previous = _verified(workdir)[:2]
+  victim = _largest_file(workdir / CHECKPOINTS_DIR / str(newest))
+  damage_file(victim, damage)
+  return victim, newest, previous
+
+
+def _warned(log: str, workdir: pathlib.Path, victim: pathlib.Path, newest: int, previous: int) -> bool:
+  """A warning in `log` names the damaged file of step `newest` and the fallback step `previous`."""
+  named = str(victim.relative_to(workdir / CHECKPOINTS_DIR / str(newest)))
+  return any("warning: damaged checkpoint" in line and named in line and f"using step {previous}" in line
+             for line in log.splitlines())
+
+
 def corrupt_ckpt(ctx: Context, n: int | None, damages: tuple[str, ...] = DAMAGES) -> list[Trial]:
   """The finished reference run's newest checkpoint truncated / a byte flipped, then a rerun: it falls back to the
   previous checkpoint with a warning naming the file, and finishes with identical results."""
   trials = []
   for damage in damages[:n or len(damages)]:
     workdir = pathlib.Path(shutil.copytree(ctx.reference_dir, ctx.root(f"corrupt_{damage}")))
-    newest, previous = _verified(workdir)[:2]
-    victim = _largest_file(workdir / CHECKPOINTS_DIR / str(newest))
-    damage_file(victim, damage)
+    victim, newest, previous = _damage_newest(workdir, damage)
     ok, lost, detail = _finishes_identically(ctx, f"corrupt_{damage}", workdir)
-    log = (ctx.runner.root / "logs" / f"corrupt_{damage}.log").read_text()
-    warned = any("warning: damaged checkpoint" in line and str(victim.relative_to(workdir / CHECKPOINTS_DIR /
-                                                                                  str(newest))) in line
-                 and f"using step {previous}" in line for line in log.splitlines())
+    warned = _warned((ctx.runner.root / "logs" / f"corrupt_{damage}.log").read_text(), workdir, victim, newest,
+                     previous)
     trials.append(Trial("corrupt_ckpt", f"{damage} step {newest}", ok and warned, lost,
                         f"warning names {victim.name} and step {previous}: {warned}; {detail}"))
   return trials
@@ -177,16 +188,20 @@ def enospc(ctx: Context, n: int | None) -> list[Trial]:
   trials = []
   for at in ctx.saves[1:1 + (n or 1)]:
     workdir = ctx.root(f"enospc_{at}")
-    outcome = ctx.runner.train(f"enospc_{at}", workdir, inject=f"enospc@{at}")
-    message = _tail(outcome)
-    kept = _verified(workdir)
-    clear = (outcome.rc == 1 and "no space left on device" in message and f"checkpoint step {at}" in message
-             and bool(kept) and f"step {kept[0]}, is untouched" in message)
-    intact = bool(kept) and verify(workdir / CHECKPOINTS_DIR / str(kept[0])) is None
+    clear, intact, said = _disk_full_named(ctx.runner.train(f"enospc_{at}", workdir, inject=f"enospc@{at}"),
+                                           workdir, at)
     ok, lost, detail = _finishes_identically(ctx, f"enospc_{at}_rerun", workdir)
-    trials.append(Trial("enospc", f"save of step {at}", clear and ok, lost or not intact,
-                        f"{message!r}; previous checkpoint {kept[:1]} intact: {intact}; {detail}"))
+    trials.append(Trial("enospc", f"save of step {at}", clear and ok, lost or not intact, f"{said}; {detail}"))
   return trials
+
+
+def _disk_full_named(outcome: Outcome, workdir: pathlib.Path, at: int) -> tuple[bool, bool, str]:
+  """(a clear error naming the failed save of step `at` and the kept step, the kept step intact, what was seen)."""
+  message, kept = _tail(outcome), _verified(workdir)
+  clear = (outcome.rc == 1 and "no space left on device" in message and f"checkpoint step {at}" in message
+           and bool(kept) and f"step {kept[0]}, is untouched" in message)
+  intact = bool(kept) and verify(workdir / CHECKPOINTS_DIR / str(kept[0])) is None
+  return clear, intact, f"{message!r}; previous checkpoint {kept[:1]} intact: {intact}"
 
 
 # --- a damaged input shard -----------------------------------------------------------------------------------
@@ -244,13 +259,19 @@ def nan(ctx: Context, n: int | None) -> list[Trial]:
                           outcome.rc != 0, f"exit {outcome.rc}; skipped steps logged: {skipped}; results finite: "
                           f"{finite} (every checkpoint passed the finite check on save)"))
     else:
-      message, kept = _tail(outcome), _verified(workdir)
-      clear = outcome.rc == 1 and "nan_policy='abort'" in message and f"(global {at})" in message
-      before = bool(kept) and kept[0] < at and verify(workdir / CHECKPOINTS_DIR / str(kept[0])) is None
+      clear, before, said = _aborted_before(outcome, workdir, at)
       ok, lost, detail = _finishes_identically(ctx, f"{name}_rerun", workdir, policy_arg)
       trials.append(Trial("nan", f"{kind}@{at} {policy}", clear and before and ok, lost or not before,
-                          f"{message!r}; newest checkpoint {kept[:1]} predates step {at}: {before}; {detail}"))
+                          f"{said}; {detail}"))
   return trials
+
+
+def _aborted_before(outcome: Outcome, workdir: pathlib.Path, at: int) -> tuple[bool, bool, str]:
+  """(a clear nan_policy='abort' error naming step `at`, the newest checkpoint intact and older, what was seen)."""
+  message, kept = _tail(outcome), _verified(workdir)
+  clear = outcome.rc == 1 and "nan_policy='abort'" in message and f"(global {at})" in message
+  before = bool(kept) and kept[0] < at and verify(workdir / CHECKPOINTS_DIR / str(kept[0])) is None
+  return clear, before, f"{message!r}; newest checkpoint {kept[:1]} predates step {at}: {before}"
 
 
 # --- compressed gradients ------------------------------------------------------------------------------------
@@ -273,6 +294,42 @@ def compressed(ctx: Context, n: int | None, methods: tuple[str, ...] = ("int8", 
     trials.append(Trial("compressed", f"{method} killed at save@{at}", killed.killed and rerun.rc == 0 and resumed > 0,
                         bool(bad), f"the rerun resumed from global step {resumed}; "
                         + (f"differs in {bad[:4]}" if bad else "results and logged losses identical")))
+  return trials
+
+
+# --- several faults in one workdir (the test suite's form: a third of the runs) --------------------------------
+
+
+def combined(ctx: Context, damage: str = "truncate") -> list[Trial]:
+  """One workdir (nan_policy abort) through kill -9 in the first save, an inf gradient after it, ENOSPC in the
+  second save, kill -9 in the third save and its newest checkpoint damaged, each run resuming the last: every
+  fault's own checks, and the final run must finish identically (else every trial counts as lost)."""
+  workdir, policy = ctx.root("combined"), "--config.nan_policy=abort"
+  first, second, third = ctx.saves[:3]
+  kill_first = ctx.runner.train("combined_kill_first", workdir, policy, freeze_at=f"save@{first}")
+  first_in_flight = not (workdir / CHECKPOINTS_DIR / str(first) / MANIFEST).is_file()
+  inf = ctx.runner.train("combined_inf", workdir, policy, inject=f"inf_grad@{first + 1}", seed=int(ctx.config.seed))
+  aborted = _aborted_before(inf, workdir, first + 1)
+  full = _disk_full_named(ctx.runner.train("combined_enospc", workdir, policy, inject=f"enospc@{second}"), workdir,
+                          second)
+  kill_third = ctx.runner.train("combined_kill_third", workdir, policy, freeze_at=f"save@{third}")
+  third_in_flight = not (workdir / CHECKPOINTS_DIR / str(third) / MANIFEST).is_file()
+  victim, newest, previous = _damage_newest(workdir, damage)
+  ok, lost, detail = _finishes_identically(ctx, "combined_final", workdir, policy)
+  final_log = (ctx.runner.root / "logs" / "combined_final.log").read_text()
+  trials = [Trial("kill9", f"save@{first}", kill_first.killed, False,
+                  f"killed: {kill_first.killed}; save of step {first} uncommitted: {first_in_flight}; the next run "
+                  f"resumed from global step {_resumed_from(inf.log)}"),
+            Trial("kill9", f"save@{third}", kill_third.killed, False,
+                  f"killed: {kill_third.killed}; save of step {third} uncommitted: {third_in_flight}; the next run "
+                  f"resumed from global step {_resumed_from(final_log)}")]
+  trials.append(Trial("nan", f"inf_grad@{first + 1} abort", aborted[0] and aborted[1], not aborted[1], aborted[2]))
+  trials.append(Trial("enospc", f"save of step {second}", full[0], not full[1], full[2]))
+  for trial in trials:
+    trial.survived, trial.lost = trial.survived and ok, trial.lost or lost
+  warned = _warned(final_log, workdir, victim, newest, previous)
+  trials.append(Trial("corrupt_ckpt", f"{damage} step {newest}", ok and warned, lost,
+                      f"warning names {victim.name} and step {previous}: {warned}; {detail}"))
   return trials
 
 

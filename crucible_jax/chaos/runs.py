@@ -12,6 +12,7 @@ import time
 from crucible_jax.parallel.distributed import FAULT_ENV
 
 POLL_S = 0.05
+CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 NOT_COMPARED = ("wall_s",)  # results.json keys that differ between identical runs
 
 
@@ -40,6 +41,9 @@ class Runner:
     prefix = ["-m", "crucible_jax.chaos.inject", inject, "--seed", str(seed), "--"] if inject else ["-m",
                                                                                                      "crucible_jax.cli"]
     env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+    # One process per child, one child at a time: a shared persistent cache compiles each program once.
+    env.setdefault(CACHE_ENV, str(self.root / "jax_cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     env.pop(FAULT_ENV, None)
     if freeze_at:
       env[FAULT_ENV] = f"0:{freeze_at}"

@@ -1,12 +1,16 @@
 """Orbax checkpoints of the train state, the grain iterator and where the run is (stage, step), verified.
 
 Each committed step gets a manifest of its files' checksums (`integrity.py`); a resume takes the newest step that
-matches its manifest and sets damaged newer ones aside with one warning. Retention is ours, not orbax's
+matches its manifest and sets damaged or unfinished newer ones aside with one warning. A step without a manifest is
+unfinished (e.g. killed between orbax's commit and the manifest) unless it predates manifests in its workdir: the
+first save writes `checkpoints/crucible_checksummed.json` with its step, and only steps below it (or every step of
+a workdir with neither that mark nor any manifest) are accepted unverified. Retention is ours, not orbax's
 `max_to_keep`: only a verified step ever pushes an older one out, so the newest good checkpoint survives any number
 of failed or damaged saves. A non-finite state is never saved.
 """
 
 import errno
+import math
 import pathlib
 import shutil
 import sys
@@ -18,13 +22,15 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from crucible_jax.train.integrity import has_manifest, nonfinite_leaves, tree_bytes, verify, write_manifest
+from crucible_jax.train.integrity import (checksummed_from, has_manifest, mark_checksummed, nonfinite_leaves,
+                                         tree_bytes, verify, write_manifest)
 
 STATE_FIELDS = ("step", "params", "opt_state", "comp_state", "skipped", "loss_scale")
 REJECTED_DIR = "checkpoints_rejected"  # beside `checkpoints/`: damaged steps are moved here, never deleted
 CHECKPOINTS_DIR = "checkpoints"  # in a workdir: one orbax step directory per saved global step
 PARAMS_DIR = "params"  # in a params directory (converted or saved weights): an orbax PyTree of the model's params
 CONFIG_FILE = "config.json"  # in a workdir or params directory: the resolved experiment config
+UNFINISHED = "no checksum manifest (its save never completed)"
 
 
 class CheckpointError(Exception):
@@ -80,6 +86,8 @@ class Checkpointer:
           f"{self._newest_note()}")
     self._last_saved = global_step
     self._bytes_needed = tree_bytes(tree)
+    if self._primary:
+      mark_checksummed(self.directory, global_step)
     try:
       self.manager.save(global_step, force=True, args=ocp.args.Composite(
           state=ocp.args.StandardSave(tree),
@@ -142,13 +150,16 @@ class Checkpointer:
     """(step, meta) of the newest intact checkpoint, None when there is none.
 
     Damaged or unfinished newer steps are reported in one warning and (unless read-only) moved to
-    `checkpoints_rejected/`; when no step is intact, CheckpointError lists them and nothing is moved.
+    `checkpoints_rejected/`; when every step is an unfinished save, they are set aside and the run starts afresh
+    (None); when no step is intact otherwise, CheckpointError lists them and nothing is moved.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
-    legacy = not any(has_manifest(self._step_dir(s)) for s in steps)  # written before manifests existed
+    unverified_below = checksummed_from(self.directory)
+    if unverified_below is None:  # no mark: a workdir of older code, legacy only if it has no manifest at all
+      unverified_below = 0 if any(has_manifest(self._step_dir(s)) for s in steps) else math.inf
     rejected: list[tuple[int, str]] = []
     for step in steps:
-      problem = self._problem(step, legacy)
+      problem = self._problem(step, unverified_below)
       if problem is None:
         try:
           chosen = (step, self.restore_meta(step))
@@ -160,18 +171,22 @@ class Checkpointer:
             self._last_saved = step  # the set-aside steps will be saved again
           return chosen
       rejected.append((step, problem))
+    if rejected and all(p.endswith(UNFINISHED) for _, p in rejected):  # only unfinished saves: start afresh
+      self._set_aside(rejected, None)
+      self._last_saved = None
+      return None
     if rejected:
       raise CheckpointError(f"no intact checkpoint in {self.directory}: "
                             + "; ".join(f"step {s}: {p}" for s, p in rejected))
     return None
 
-  def _problem(self, step: int, legacy: bool) -> str | None:
+  def _problem(self, step: int, unverified_below: float) -> str | None:
     step_dir = self._step_dir(step)
     if has_manifest(step_dir):
       return verify(step_dir)
-    return None if legacy else f"{step_dir}: no checksum manifest (its save never completed)"
+    return None if step < unverified_below else f"{step_dir}: {UNFINISHED}"
 
-  def _set_aside(self, rejected: list[tuple[int, str]], chosen: int) -> None:
+  def _set_aside(self, rejected: list[tuple[int, str]], chosen: int | None) -> None:
     moved = ""
     if not self.read_only and self._primary:
       self.rejected_directory.mkdir(exist_ok=True)
@@ -185,8 +200,9 @@ class Checkpointer:
     if not self.read_only:
       self.manager.reload()
     details = "; ".join(f"step {s}: {p}" for s, p in rejected)
-    print(f"crucible: warning: damaged checkpoint{'s' if len(rejected) > 1 else ''} set aside{moved}, using step "
-          f"{chosen}: {details}", file=sys.stderr, flush=True)
+    using = "starting from scratch" if chosen is None else f"using step {chosen}"
+    print(f"crucible: warning: damaged checkpoint{'s' if len(rejected) > 1 else ''} set aside{moved}, {using}: "
+          f"{details}", file=sys.stderr, flush=True)
 
   def restore_meta(self, global_step: int) -> dict:
     """Where the saved run was (stage, step), read before the state's structure is known."""

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MANIFEST = "crucible_manifest.json"
+CHECKSUMMED_MARK = "crucible_checksummed.json"  # in checkpoints/: {"from_step": N}, steps ≥ N carry manifests
 
 
 def _files(step_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -27,6 +28,28 @@ def write_manifest(step_dir: pathlib.Path) -> None:
   tmp = step_dir / f".{MANIFEST}.tmp"
   tmp.write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
   tmp.replace(step_dir / MANIFEST)
+
+
+def mark_checksummed(directory: pathlib.Path, step: int) -> None:
+  """Record once in a checkpoints directory that every step from `step` on is saved with a manifest."""
+  mark = directory / CHECKSUMMED_MARK
+  if mark.is_file():
+    return
+  directory.mkdir(parents=True, exist_ok=True)
+  tmp = directory / f".{CHECKSUMMED_MARK}.tmp"
+  tmp.write_text(json.dumps({"from_step": step}))
+  tmp.replace(mark)
+
+
+def checksummed_from(directory: pathlib.Path) -> int | None:
+  """The first step saved with a manifest in `directory`, None for a directory of code that wrote no mark."""
+  mark = directory / CHECKSUMMED_MARK
+  if not mark.is_file():
+    return None
+  try:
+    return int(json.loads(mark.read_text())["from_step"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"{mark}: unreadable ({e}); it should hold {{\"from_step\": N}}") from e
 
 
 def has_manifest(step_dir: pathlib.Path) -> bool:
