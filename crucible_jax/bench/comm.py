@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from crucible_jax.bench.common import device_info
 from crucible_jax.parallel import compression
-from crucible_jax.parallel.distributed import apply_xla_flags
+from crucible_jax.parallel.distributed import CPU_COLLECTIVE_PATIENCE, apply_xla_flags
 from crucible_jax.parallel.mesh import data_axes
 from crucible_jax.train.setup import Experiment
 
@@ -43,8 +43,6 @@ GOALS = {"bf16": 1.9, "int8": 3.5, "powersgd": 8.0}  # minimum bytes_ratio_vs_no
 LOSS_TOLERANCE = 0.02  # largest |final loss / none's - 1| (issue 28)
 # XLA:CPU aborts the process when a simulated device's thread reaches a collective 20 + 40 s after the others (a
 # starved thread on a loaded host); a benchmark waits instead (seconds before the warning, then before aborting).
-CPU_COLLECTIVE_PATIENCE = ["--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
-                           "--xla_cpu_collective_call_terminate_timeout_seconds=1800"]
 
 
 @dataclasses.dataclass(frozen=True)

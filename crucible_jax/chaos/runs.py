@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from crucible_jax.parallel.distributed import FAULT_ENV
+from crucible_jax.parallel.distributed import CPU_COLLECTIVE_PATIENCE, FAULT_ENV, apply_xla_flags
 
 POLL_S = 0.05
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
@@ -45,6 +45,7 @@ class Runner:
     env.setdefault(CACHE_ENV, str(self.root / "jax_cache"))
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     env.pop(FAULT_ENV, None)
+    apply_xla_flags(CPU_COLLECTIVE_PATIENCE, env)  # a child's simulated devices may lag on a loaded box
     if freeze_at:
       env[FAULT_ENV] = f"0:{freeze_at}"
     log_path = self.root / "logs" / f"{name}.log"

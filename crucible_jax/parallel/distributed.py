@@ -108,6 +108,12 @@ def _backend_initialized() -> bool:
     return False
 
 
+# XLA:CPU aborts a process whose collective waits 40 s for a peer device (XLA_FLAGS only: the same fields given as
+# compile options have no effect at run time); simulated devices on a loaded box can lag that long.
+CPU_COLLECTIVE_PATIENCE = ["--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=1800"]
+
+
 def apply_xla_flags(flags: list[str], env: MutableMapping[str, str] = os.environ) -> str:
   """Append `flags` to env XLA_FLAGS (later flags win in XLA) and return the new value."""
   if env is os.environ and _backend_initialized():
