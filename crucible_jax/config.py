@@ -159,6 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_modalities(config)
   _validate_stages(config)
   tokenizer = config.data.get("tokenizer", {}).get("kind", "byte")
+  if tokenizer == "clip_bpe" and "text" in config.model.modalities and config.model.text.get("mask") == "padding":
+    raise ConfigError("data.tokenizer.kind='clip_bpe' gives id 0 to the token '!', which model.text.mask='padding' "
+                      "would hide; use 'causal' (CLIP's own mask)")
   if converter is not None and converter.get("enabled", False) and tokenizer != "byte":
     raise ConfigError(f"model.converter captions in byte tokens; data.tokenizer.kind={tokenizer!r} (use 'byte')")
   try:
@@ -186,13 +189,17 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate_compression(config: ml_collections.ConfigDict) -> None:
-  comp = dict(config.get("compression", {}))
-  if comp.get("method", "none") not in compression.METHODS:
+  comp = {**compression.default_compression_config(), **dict(config.get("compression", {}))}
+  unknown = sorted(set(comp) - set(compression.default_compression_config()))
+  if unknown:
+    raise ConfigError(f"compression has unknown keys {unknown}; known: {sorted(compression.default_compression_config())}")
+  if comp["method"] not in compression.METHODS:
     raise ConfigError(f"compression.method must be one of {compression.METHODS}, got {comp['method']!r}")
-  rank = comp.get("rank", 1)
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-    raise ConfigError(f"compression.rank must be an integer >= 1, got {rank!r}")
-  ratio = comp.get("target_ratio", compression.TARGET_RATIO)
+  for key in ("rank", "block"):
+    value = comp[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(f"compression.{key} must be an integer >= 1, got {value!r}")
+  ratio = comp["target_ratio"]
   if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
     raise ConfigError(f"compression.target_ratio must be a number > 1, got {ratio!r}")
 

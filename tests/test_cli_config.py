@@ -38,6 +38,7 @@ def test_override_without_a_value_is_an_error(capsys):
     ("--config.stages.align.frozen=('^no_such_param',)", "stages.align.frozen pattern '^no_such_param'"),
     ("--config.compression.method=fp4", "compression.method must be one of"),
     ("--config.compression.target_ratio=0.5", "compression.target_ratio must be a number > 1"),
+    ("--config.compression.block=0", "compression.block must be an integer >= 1"),
 ])
 def test_config_errors_are_one_line_and_write_nothing(override, culprit, tmp_path, capsys):
   workdir = tmp_path / "run"

@@ -243,6 +243,8 @@ def test_powersgd_plan_moves_the_narrowest_matrices_to_int8_within_the_byte_budg
     plan = compression._powersgd_plan(leaves, rank=4, block=256, target_ratio=ratio)
     assert set(plan) == low, ratio
   assert compression._powersgd_plan(leaves, 4, 256, 50)["wide"] == (1024, 1024)
+  thin = [("thin", jax.ShapeDtypeStruct((5, 1000), jnp.float32))]  # rank-4 factors 8,040 B > int8 5,078 B
+  assert compression._powersgd_plan(thin, rank=4, block=256, target_ratio=1000) == {}
 
 
 POLICY_PARAMS = {"wide": jnp.zeros((64, 96)), "narrow": jnp.zeros((40, 32)), "bias": jnp.zeros((96,))}

@@ -116,3 +116,12 @@ def test_embed_reads_the_merged_model_and_equals_the_adapter_model(run, tmp_path
 def test_bad_lora_is_a_config_error(run, override, message):
   with pytest.raises(ConfigError, match=message):
     load_experiment(f"{OWN_DATA}:tiny", [f"--config.data.manifest={run[2]}", override])
+
+
+def test_clip_bpe_text_with_a_padding_mask_is_a_config_error(run):
+  """CLIP's id 0 is the token '!': a padding mask would hide it."""
+  adopted = load_experiment(f"{OWN_DATA}:tiny", [f"--config.data.manifest={run[2]}", f"--config.init_from={run[0]}"])
+  tokenizer = adopted.data.tokenizer
+  with pytest.raises(ConfigError, match="clip_bpe.*model.text.mask='padding'"):
+    load_experiment(f"{OWN_DATA}:tiny", [f"--config.data.manifest={run[2]}", "--config.data.tokenizer.kind=clip_bpe",
+                                         f"--config.data.tokenizer.path={tokenizer.path}"])

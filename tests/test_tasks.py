@@ -138,6 +138,7 @@ def test_the_caption_task_checks_its_batch_targets_at_config_load():
     load_experiment(spec, ["data.caption_len=0"])
   with pytest.raises(ConfigError, match="data.caption_len=30 exceeds model.converter.max_len=24"):
     load_experiment(spec, ["data.caption_len=30"])
-  saved_before = load_experiment(spec).to_dict()  # a workdir's config from before the field existed still loads
-  del saved_before["data"]["caption_len"]
-  validate(ml_collections.ConfigDict(saved_before))
+  unrendered = load_experiment(spec).to_dict()  # a source (or an older config) with no caption in its batches
+  del unrendered["data"]["caption_len"]
+  with pytest.raises(ConfigError, match="data.name='digit_world' does not render"):
+    validate(ml_collections.ConfigDict(unrendered))

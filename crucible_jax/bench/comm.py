@@ -41,8 +41,6 @@ _RING_FACTOR = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n:
 STEPS = 80  # training steps per method and stage
 GOALS = {"bf16": 1.9, "int8": 3.5, "powersgd": 8.0}  # minimum bytes_ratio_vs_none (issue 28)
 LOSS_TOLERANCE = 0.02  # largest |final loss / none's - 1| (issue 28)
-# XLA:CPU aborts the process when a simulated device's thread reaches a collective 20 + 40 s after the others (a
-# starved thread on a loaded host); a benchmark waits instead (seconds before the warning, then before aborting).
 
 
 @dataclasses.dataclass(frozen=True)

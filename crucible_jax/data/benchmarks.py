@@ -74,7 +74,7 @@ def benchmark_data_config(name: str) -> ml_collections.ConfigDict:
   c.splits = ml_collections.ConfigDict()  # split name -> loader arguments, e.g. test=dict(split="val2017")
   c.retrieval_view = False  # eval lists each image/video once and each caption once (COCO 5k / MSR-VTT protocol)
   c.skip_bad_records = False  # drop (and count) bad records instead of raising on the first one
-  c.tokenizer = default_tokenizer_config()  # captions / transcripts / questions: byte | sentencepiece | hf
+  c.tokenizer = default_tokenizer_config()  # captions / transcripts / questions: byte | sentencepiece | hf | clip_bpe
   c.image_size = (1, 1)  # image (height, width), pixels
   c.channels = 3  # colour channels of images and video frames
   c.video_frames = 1  # frames per clip

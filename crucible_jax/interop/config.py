@@ -9,6 +9,7 @@ from crucible_jax.data.digit_world.config import default_data_config
 from crucible_jax.inference import read_config
 from crucible_jax.interop.archs import Arch
 from crucible_jax.models import default_model_config
+from crucible_jax.parallel.compression import default_compression_config
 
 # open_clip's OPENAI_DATASET_MEAN/STD (CLIP's preprocessing) and SigLIP's [-1, 1] scaling.
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -50,7 +51,7 @@ def converted_config(arch: Arch, towers: tuple[dict, dict], preprocess: dict[str
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding = dict(layout="dp")
   c.precision = dict(compute="float32", params="float32")
-  c.compression = dict(method="none", rank=4)
+  c.compression = default_compression_config()
   c.loss_kind = "siglip" if text_opts["pool"] == "last" else "clip"
   c.nan_policy = "skip"
   c.optim = dict(b1=0.9, b2=0.98, weight_decay=1e-4, clip_norm=1.0, groups={}, lr_scale={})

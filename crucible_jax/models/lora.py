@@ -3,9 +3,10 @@
 Linear layers of the towers' Transformer blocks (fused q/k/v, cross-attention query and key/value, attention output,
 MLP fc1/fc2) add `lora_a` [*in, r] and `lora_b` [r, *out] to their `kernel` [*in, *out] when given a `LoRA`. B starts
 at zero, so an adapted model equals its base at init. `stages.<name>.lora = {'towers': ('image', 'text'), 'rank': 8,
-'alpha': 16}` turns it on: those towers get adapters, their base weights are frozen in that stage and only the
-adapters train; a stage without `lora` keeps the adapters as they are. `merge` folds them into the kernels, so
-inference and export see a plain model.
+'alpha': 16}` turns it on: those towers get adapters and their own weights are frozen in that stage (the adapters
+train, and so does everything outside the towers: projections, pools, heads, unless `frozen` says otherwise); a stage
+without `lora` freezes the adapters, which reach it through the stage's `carry` like any other param. `merge` folds
+them into the kernels, so inference and export see a plain model.
 """
 
 import dataclasses

@@ -40,9 +40,9 @@ TARGET_RATIO = 9.0  # PowerSGD's byte budget: this many times fewer than a float
 
 
 def default_compression_config() -> dict[str, Any]:
-  """`config.compression`: the data-parallel gradient reduction (method one of METHODS; rank and byte budget of
-  PowerSGD)."""
-  return dict(method="none", rank=4, target_ratio=TARGET_RATIO)
+  """`config.compression`: the data-parallel gradient reduction (method one of METHODS; PowerSGD's rank and byte
+  budget; elements per int8 scale)."""
+  return dict(method="none", rank=4, target_ratio=TARGET_RATIO, block=256)
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Any]]
 
 
@@ -99,14 +99,14 @@ def _powersgd_plan(leaves: list[tuple[str, Any]], rank: int, block: int,
   """The (rows, cols) view of each leaf PowerSGD sends low rank; the others go int8.
 
   Costs per element, both phases alike: float32 4 bytes, a bfloat16 factor 2, int8 1 + 4/block (its scale). Every
-  matrix that rank `rank` shrinks starts low rank; then, narrowest first, each moves to int8 if the total stays
-  within 4 × (trained elements) / `target_ratio`.
+  matrix whose rank-`rank` factors cost fewer bytes than its int8 form starts low rank; then, narrowest first, each
+  moves to int8 if the total stays within 4 × (trained elements) / `target_ratio`.
   """
   int8 = 1 + 4 / block
   low, cost = {}, 0.0
   for name, leaf in leaves:
     size, matrix = math.prod(leaf.shape), _matrix_shape(tuple(leaf.shape))
-    if matrix is not None and sum(matrix) * min(rank, *matrix) < size:
+    if matrix is not None and 2 * sum(matrix) * min(rank, *matrix) < int8 * size:
       low[name] = matrix
       cost += 2 * sum(matrix) * min(rank, *matrix)
     else:

@@ -108,8 +108,9 @@ def _backend_initialized() -> bool:
     return False
 
 
-# XLA:CPU aborts a process whose collective waits 40 s for a peer device (XLA_FLAGS only: the same fields given as
-# compile options have no effect at run time); simulated devices on a loaded box can lag that long.
+# XLA:CPU warns after 20 s and aborts the process after 40 more when one simulated device reaches a collective that
+# late (a starved thread on a loaded host). Read from XLA_FLAGS only: the same fields given as compile options have
+# no effect at run time. Benchmarks and chaos children wait instead.
 CPU_COLLECTIVE_PATIENCE = ["--xla_cpu_collective_call_warn_stuck_timeout_seconds=120",
                            "--xla_cpu_collective_call_terminate_timeout_seconds=1800"]
 

@@ -110,8 +110,9 @@ def _validate_caption(config: Any) -> None:
   caption_len, max_len = config.data.get("caption_len"), converter.get("max_len", 0)
   if not converter.get("enabled", False):
     raise ValueError("captioning needs the converter's text decoder: model.converter.enabled=False")
-  if caption_len is None:  # a config saved before the field existed: loads (embed, export); its batches say the rest
-    return
+  if caption_len is None:
+    raise ValueError(f"captioning learns and scores batch['caption'], which data.name={config.data.get('name')!r} "
+                     f"does not render (no data.caption_len)")
   if not caption_len:
     raise ValueError("captioning learns and scores batch['caption'], which data.caption_len=0 leaves out")
   if caption_len > max_len:

@@ -145,9 +145,8 @@ class Experiment:
     return self._trained[plan.index]
 
   def _compression_args(self, trained: Any | None) -> dict[str, Any]:
-    comp_cfg = self.config.compression
-    return dict(trained=trained, rank=comp_cfg.rank, block=comp_cfg.get("block", 256),
-                target_ratio=comp_cfg.get("target_ratio", compression.TARGET_RATIO))
+    comp_cfg = {**compression.default_compression_config(), **self.config.compression}  # older configs lack keys
+    return dict(trained=trained, rank=comp_cfg["rank"], block=comp_cfg["block"], target_ratio=comp_cfg["target_ratio"])
 
   def state_layout(self, tx: optax.GradientTransformation,
                    trained: Any | None = None) -> tuple[TrainState, Callable, TrainState]:

@@ -28,7 +28,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.audio_seconds = 4.0  # audio length in seconds; the waveform is zero-padded to this
   cfg.text_len = 48  # caption length, tokens
   cfg.question_len = 32  # question length, tokens
-  cfg.tokenizer = default_tokenizer_config()  # captions and questions: byte | sentencepiece | hf
+  cfg.tokenizer = default_tokenizer_config()  # captions and questions: byte | sentencepiece | hf | clip_bpe
   cfg.extra_questions = 0  # more random VQA questions per sample (keys extra_questions/extra_answers); 0 = none
   cfg.caption_len = 0  # tokens of each sample's canonical caption + EOS (key `caption`, the caption task's); 0 = none
   cfg.heldout_speaker = "fr_CA_f_June"  # voice kept out of train/val/test, used only by test_heldout_speaker

@@ -36,7 +36,7 @@ def own_data_config() -> ml_collections.ConfigDict:
   c.text_len = 32  # caption length, tokens (longer captions are cut and counted)
   c.question_len = 1  # VQA question length (own data has no questions)
   c.max_digits = 1  # digit-string slots (DigitWorld's targets; always -1 here)
-  c.tokenizer = default_tokenizer_config()  # captions: byte | sentencepiece | hf
+  c.tokenizer = default_tokenizer_config()  # captions: byte | sentencepiece | hf | clip_bpe
   c.num_workers = 0  # grain worker processes decoding samples (0 = in the main process)
   c.prefetch_buffer = 2  # batches prefetched per process / per worker
   return c

@@ -39,7 +39,7 @@ def default_tokenizer_config() -> ml_collections.ConfigDict:
   """`data.tokenizer`: the byte tokenizer unless a kind and a file are given."""
   cfg = ml_collections.ConfigDict()
   cfg.kind = "byte"  # byte | sentencepiece (a .model) | hf (a tokenizer.json) | clip_bpe (CLIP's merges file)
-  cfg.path = config_dict.placeholder(str)  # the model file of sentencepiece / hf
+  cfg.path = config_dict.placeholder(str)  # the model file of sentencepiece / hf, the merges file of clip_bpe
   return cfg
 
 

@@ -9,7 +9,9 @@ import numpy as np
 class Tokenizer(abc.ABC):
   """Text <-> int32 ids, padded with `pad_id` = 0 to `max_len` (the batch schema's padding); ids < `vocab_size`.
 
-  A model file whose own ids give 0 to a real token is shifted by one (`offset`), so 0 always means padding.
+  A model file whose own ids give 0 to a real token is shifted by one (`offset`), so 0 always means padding; the
+  exception is `clip_bpe`, which keeps open_clip's ids (0 = "!") so converted CLIP towers read them unchanged, and
+  is only accepted with a text tower that masks causally, not by padding.
   """
 
   vocab_size: int
