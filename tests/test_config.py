@@ -18,9 +18,11 @@ def _variants(path: pathlib.Path) -> list[str]:
   module_text = path.read_text()
   if path.stem == "digit_world":
     return ["", ":tiny", ":corrupted", ":imbalanced", ":single_stage", ":no_cross_attention", ":tiny,corrupted",
-            ":routed", ":generate", ":tiny,generate"]
+            ":routed", ":generate", ":tiny,generate", ":voices,augment"]
   if path.stem == "clip_bench":
     return ["", ":vit_b16"]
+  if path.stem == "digit_world_speech":
+    return ["", ":voices,augment"]
   if path.stem == "own_data":
     return ["", ":tiny"]
   return [""] if "VARIANTS" not in module_text else [""]
